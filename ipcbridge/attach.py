@@ -1,0 +1,193 @@
+"""Attach: a Hugging Face model whose parameters are views of an engine's weight memory.
+
+The model is built on the meta device (no weight memory at all), then every parameter is *assigned* a
+view of the engine's tensors with ``load_state_dict(assign=True)``: core torch, no monkeypatching. Tied
+parameters receive the very same ``nn.Parameter`` object, so an optimizer updates them once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ipcbridge import mapping
+from ipcbridge.errors import BridgeError, MappingError
+from ipcbridge.handles import OpenedManifest, open_manifest
+from ipcbridge.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Attachment:
+    """What an attached model aliases. Kept on the model as ``model.ipcbridge_attachment``.
+
+    ``ranges`` are the (start, end) addresses of the engine's storages as mapped here: every parameter's
+    bytes must lie inside one of them (the zero-copy proof). ``opened`` keeps the mappings alive.
+    """
+
+    layout: str
+    ranges: list[tuple[int, int]]
+    source_tensors: dict[str, torch.Tensor] = field(repr=False)
+    opened: OpenedManifest | None = field(default=None, repr=False)
+    manifest: Manifest | None = field(default=None, repr=False)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        if t.numel() == 0:
+            return True
+        start = t.data_ptr()
+        end = start + _span_bytes(t)
+        return any(lo <= start and end <= hi for lo, hi in self.ranges)
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def to_hf_config(config: Any) -> Any:
+    """A ``transformers`` config from a config object, a dict (``to_dict()`` output) or a local path."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    if isinstance(config, Mapping):
+        d = dict(config)
+        mt = d.pop("model_type", None)
+        if not mt:
+            raise MappingError("config dict has no 'model_type'; pass config.to_dict() of a transformers config")
+        try:
+            return AutoConfig.for_model(mt, **d)
+        except ValueError as e:
+            raise MappingError(f"unknown architecture {mt!r} for transformers: {e}") from None
+    if isinstance(config, str):
+        return AutoConfig.from_pretrained(config)
+    raise TypeError(f"config must be a transformers config, a dict or a path, got {type(config).__name__}")
+
+
+def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The HF causal LM for ``config`` with every parameter on the meta device (buffers are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    # include_buffers=False (the default) keeps non-persistent buffers such as rotary inv_freq real: they
+    # are computed at construction and never exported by an engine.
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers < 4.56 spells it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    return model
+
+
+def bind(model: nn.Module, views: Mapping[str, torch.Tensor]) -> None:
+    """Assign ``views`` as the parameters of ``model`` (a meta model), sharing Parameters between ties."""
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    missing = sorted(expected.keys() - views.keys())
+    extra = sorted(views.keys() - expected.keys())
+    if missing or extra:
+        raise MappingError(
+            "the engine's tensors do not cover the HF model exactly: "
+            + (f"missing {missing[:8]}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {extra[:8]}" if extra else "")
+            + ". Use the engine's own config (same layers, heads, biases and tie_word_embeddings)"
+        )
+    for name, p in expected.items():
+        v = views[name]
+        if tuple(v.shape) != tuple(p.shape):
+            raise MappingError(f"{name}: the engine's view has shape {list(v.shape)}, the HF model wants {list(p.shape)}")
+    params: dict[int, nn.Parameter] = {}
+    state = {}
+    for name, v in views.items():
+        # One Parameter per distinct tensor object: a tied lm_head gets the embedding's Parameter.
+        if id(v) not in params:
+            params[id(v)] = nn.Parameter(v, requires_grad=expected[name].requires_grad)
+        state[name] = params[id(v)]
+    result = model.load_state_dict(state, strict=False, assign=True)
+    buffers = {n for n, _ in model.named_buffers()}
+    leftover = [k for k in result.missing_keys if k not in buffers]
+    if leftover or result.unexpected_keys:
+        raise BridgeError(f"binding failed: missing {leftover[:8]}, unexpected {result.unexpected_keys[:8]}")
+
+
+def verify(model: nn.Module, attachment: Attachment, views: Mapping[str, torch.Tensor]) -> None:
+    """No parameter on meta, every parameter inside an exported storage, dtypes and shapes as exported."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.is_meta:
+            raise BridgeError(f"{name} is still on the meta device after attach")
+        v = views[name]
+        if p.dtype != v.dtype or p.shape != v.shape:
+            raise BridgeError(f"{name}: bound as {p.dtype}{list(p.shape)}, exported {v.dtype}{list(v.shape)}")
+        if not attachment.owns(p):
+            raise BridgeError(
+                f"{name} does not lie in the engine's memory (it was copied or resized); see Note [IPC "
+                "tensors must never be resized]"
+            )
+
+
+def attach(source: Manifest | Mapping[str, torch.Tensor], config: Any = None) -> nn.Module:
+    """A ``transformers`` model whose parameters are views of ``source``'s memory.
+
+    ``source`` is a :class:`Manifest` (another process's weights) or an in-process vLLM-layout state dict.
+    ``config`` defaults to the manifest's. Training the returned model (``optimizer.step()``) writes the
+    engine's tensors in place. If anything fails, nothing stays attached or mapped.
+    """
+    opened: OpenedManifest | None = None
+    if isinstance(source, Manifest):
+        config = config if config is not None else source.config
+        if config is None:
+            raise MappingError("the manifest carries no HF config; pass config=... to attach()")
+        layout = source.layout
+        opened = open_manifest(source)
+        tensors = opened.tensors
+        ranges = opened.ranges()
+    elif isinstance(source, Mapping):
+        if config is None:
+            raise MappingError("attach(state_dict) needs config=... (the HF config of the weights)")
+        layout, tensors = "vllm", dict(source)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors.values()}
+        ranges = [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages.values()]
+    else:
+        raise TypeError(f"attach() takes a Manifest or a vLLM-layout state dict, got {type(source).__name__}")
+    try:
+        hf_config = to_hf_config(config)
+        views = _views(tensors, hf_config, layout)
+        dtypes = {v.dtype for v in views.values()}
+        if len(dtypes) != 1:
+            logger.info("engine tensors have mixed dtypes %s; building the model in the first", dtypes)
+        dtype = next(iter(views.values())).dtype
+        model = build_meta_model(hf_config, dtype)
+        bind(model, views)
+        device = next(iter(views.values())).device
+        for module in model.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
+        attachment = Attachment(
+            layout=layout, ranges=ranges, source_tensors=tensors, opened=opened,
+            manifest=source if isinstance(source, Manifest) else None,
+        )
+        verify(model, attachment, views)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
+    model.ipcbridge_attachment = attachment
+    model.eval()
+    return model
+
+
+def _views(tensors: Mapping[str, torch.Tensor], config: Any, layout: str) -> dict[str, torch.Tensor]:
+    if layout == "vllm":
+        return mapping.hf_views(tensors, config)
+    if layout == "hf":
+        return dict(tensors)
+    convert = getattr(mapping, "convert", None)
+    if convert is None:
+        raise MappingError(f"layout {layout!r} cannot be attached; export the engine's weights in 'vllm' layout")
+    return convert(tensors, config, src=layout, dst="hf", alias_only=True)

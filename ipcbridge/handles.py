@@ -1,0 +1,156 @@
+"""Export named tensors as a manifest, and open a manifest back into tensors that alias the same memory.
+
+``export`` is the producer side (the engine), ``open_manifest`` the consumer side (the trainer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ipcbridge import transports
+from ipcbridge.errors import BridgeError, ManifestError
+from ipcbridge.manifest import Manifest, Producer, TensorSpec, boot_id
+
+logger = logging.getLogger(__name__)
+
+# export_id -> weak references to the exported tensors, so this process can "open" its own export.
+# Note [opening your own export]: CUDA refuses to open an IPC handle in the process that created it.
+# Rather than fail, a process that opens its own manifest gets its own tensors back, which alias the
+# exported memory by definition.
+_LOCAL_EXPORTS: dict[str, dict[str, weakref.ref[torch.Tensor]]] = {}
+
+
+def config_to_dict(config: Any) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise TypeError(f"config must be a transformers PretrainedConfig or a dict, got {type(config).__name__}")
+
+
+def named_tensors(source: Mapping[str, torch.Tensor] | nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(source, nn.Module):
+        return {n: p.data for n, p in source.named_parameters()}
+    if isinstance(source, Mapping):
+        bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"export() needs tensors; these entries are not: {bad[:5]}")
+        return {k: v.detach() for k, v in source.items()}
+    raise TypeError(f"export() takes a state dict or an nn.Module, got {type(source).__name__}")
+
+
+def export(
+    source: Mapping[str, torch.Tensor] | nn.Module,
+    config: Any = None,
+    *,
+    layout: str = "vllm",
+    weight_version: int = 0,
+) -> Manifest:
+    """Export every tensor of ``source`` (a state dict, or a module's parameters) for another process.
+
+    CUDA tensors are shared through CUDA IPC, CPU tensors through /dev/shm (moved there in place, see
+    Note [CPU export moves storages into /dev/shm]). Tensors that are views of one storage share one
+    storage entry. The producer must keep the tensors alive while any consumer maps them.
+    """
+    tensors = named_tensors(source)
+    if not tensors:
+        raise ManifestError("nothing to export: the state dict/module has no tensors")
+    storage_index: dict[tuple[str, int], int] = {}
+    storages: list[Any] = []
+    specs: list[TensorSpec] = []
+    for name, t in tensors.items():
+        st = t.untyped_storage()
+        key = (str(t.device), st.data_ptr())
+        if key not in storage_index:
+            storage_index[key] = len(storages)
+            storages.append(transports.for_device(t.device).reduce_storage(st))
+        specs.append(TensorSpec.of(name, t, storage_index[key]))
+    manifest = Manifest(
+        tensors=tuple(specs),
+        storages=tuple(storages),
+        producer=Producer.current(),
+        export_id=uuid.uuid4().hex,
+        layout=layout,
+        weight_version=weight_version,
+        config=config_to_dict(config),
+    )
+    _LOCAL_EXPORTS[manifest.export_id] = {n: weakref.ref(t) for n, t in tensors.items()}
+    logger.debug("exported %d tensors in %d storages (%s, %d bytes)", len(specs), len(storages),
+                 manifest.transport, manifest.total_bytes())
+    return manifest
+
+
+@dataclass
+class OpenedManifest:
+    """Tensors rebuilt from a manifest, and the storages they alias.
+
+    Ownership: the producer owns the memory. These tensors stay valid while they (or views of them) are
+    referenced here, even if the producer exits; call :meth:`close` (or drop every reference) to unmap.
+    """
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+    storages: list[torch.UntypedStorage]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """(start, end) byte addresses of each mapped storage: the proof-of-zero-copy reference."""
+        return [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in self.storages]
+
+    def close(self) -> None:
+        self.tensors.clear()
+        self.storages.clear()
+        if torch.cuda.is_available() and self.manifest.transport == "cuda_ipc":
+            torch.cuda.ipc_collect()
+
+
+def _own_export(manifest: Manifest) -> OpenedManifest:
+    refs = _LOCAL_EXPORTS.get(manifest.export_id)
+    tensors = {n: r() for n, r in (refs or {}).items()}
+    if refs is None or any(t is None for t in tensors.values()):
+        raise BridgeError(
+            "this manifest was exported by this very process and its tensors are gone; CUDA cannot open a "
+            "process's own IPC handles. Pass the state dict itself: ipcbridge.attach(state_dict, config)"
+        )
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors.values()}
+    return OpenedManifest(manifest, tensors, list(storages.values()))  # type: ignore[arg-type]
+
+
+def open_manifest(manifest: Manifest) -> OpenedManifest:
+    """Map every storage of ``manifest`` once and rebuild its tensors as views of them."""
+    p = manifest.producer
+    if p.boot_id and boot_id() and p.boot_id != boot_id():
+        raise BridgeError(
+            f"the manifest comes from another machine or boot (producer {p.hostname}, pid {p.pid}); memory "
+            "can only be shared on one machine: use the NCCL fallback across machines"
+        )
+    if p.pid == os.getpid():
+        return _own_export(manifest)
+    storages: list[torch.UntypedStorage] = []
+    try:
+        for spec in manifest.storages:
+            storages.append(transports.get(spec.kind).rebuild_storage(spec))
+        tensors: dict[str, torch.Tensor] = {}
+        for t in manifest.tensors:
+            st = storages[t.storage]
+            if st.nbytes() < manifest.storages[t.storage].nbytes:
+                raise BridgeError(f"storage {t.storage} mapped {st.nbytes()} bytes, expected more")
+            view = torch.empty(0, dtype=t.torch_dtype, device=st.device)
+            view.set_(st, t.storage_offset, t.shape, t.stride)
+            tensors[t.name] = view
+    except BaseException:
+        storages.clear()
+        if torch.cuda.is_available() and manifest.transport == "cuda_ipc":
+            torch.cuda.ipc_collect()
+        raise
+    return OpenedManifest(manifest, tensors, storages)

@@ -1,0 +1,334 @@
+"""The manifest: what one process exports so another can map the same weight memory.
+
+A manifest crosses process boundaries as JSON (bytes as base64). It never contains pickle, so opening a
+manifest from an untrusted peer cannot run code: the worst a bad manifest can do is fail validation.
+
+Layout of a manifest::
+
+    {"format": "ipcbridge.manifest", "format_version": 1,
+     "export_id": "...", "layout": "vllm", "weight_version": 3,
+     "producer": {"pid": 123, "boot_id": "...", "hostname": "..."},
+     "config": {...HF config dict...} | null,
+     "storages": [{"kind": "cuda_ipc" | "shm", ...transport fields...}, ...],
+     "tensors": [{"name": ..., "storage": 0, "dtype": "bfloat16", "shape": [...], "stride": [...],
+                  "storage_offset": 0, "nbytes": ...}, ...]}
+
+``Manifest.from_json`` validates every field (types, version, dtype names, and that every tensor's
+shape/stride/offset lies inside its storage's bytes) before anything is mapped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ipcbridge.errors import ManifestError
+
+FORMAT = "ipcbridge.manifest"
+FORMAT_VERSION = 1
+LAYOUTS = ("vllm", "hf", "meta")
+
+#: dtype names a manifest may carry (``str(torch.bfloat16) == "torch.bfloat16"`` minus the prefix).
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in (
+        "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
+        "float8_e4m3fn", "float8_e5m2",
+    )
+    if hasattr(torch, name)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ManifestError(f"dtype {dtype} cannot be exported; supported: {', '.join(DTYPES)}")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Field validation helpers. Each takes the dotted path of the field so errors say exactly which one.
+
+
+def check_type(value: Any, types: type | tuple[type, ...], where: str) -> Any:
+    # bool is an int subclass; a manifest that says "shape": [true] is malformed, not shape [1].
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ManifestError(f"{where}: expected {_type_names(types)}, got bool {value!r}")
+    if not isinstance(value, types):
+        raise ManifestError(f"{where}: expected {_type_names(types)}, got {type(value).__name__} {value!r:.80}")
+    return value
+
+
+def check_int(value: Any, where: str, minimum: int | None = 0) -> int:
+    check_type(value, int, where)
+    if minimum is not None and value < minimum:
+        raise ManifestError(f"{where}: must be >= {minimum}, got {value}")
+    return value
+
+
+def check_keys(d: Any, required: set[str], optional: set[str], where: str) -> Mapping[str, Any]:
+    check_type(d, Mapping, where)
+    missing = required - d.keys()
+    extra = d.keys() - required - optional
+    if missing:
+        raise ManifestError(f"{where}: missing field(s) {sorted(missing)}")
+    if extra:
+        raise ManifestError(f"{where}: unknown field(s) {sorted(extra)}; was it written by a newer ipcbridge?")
+    return d
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    ts = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in ts)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One exported tensor: a strided view into ``storages[storage]``. Offsets and strides in elements."""
+
+    name: str
+    storage: int
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        where = f"tensor {self.name!r}"
+        check_type(self.name, str, f"{where}.name")
+        if not self.name:
+            raise ManifestError("tensor name must be a non-empty string")
+        check_int(self.storage, f"{where}.storage")
+        if self.dtype not in DTYPES:
+            raise ManifestError(f"{where}.dtype: unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
+        check_type(self.shape, tuple, f"{where}.shape")
+        check_type(self.stride, tuple, f"{where}.stride")
+        for i, s in enumerate(self.shape):
+            check_int(s, f"{where}.shape[{i}]")
+        for i, s in enumerate(self.stride):
+            check_int(s, f"{where}.stride[{i}]")
+        if len(self.shape) != len(self.stride):
+            raise ManifestError(f"{where}: shape {list(self.shape)} and stride {list(self.stride)} differ in rank")
+        check_int(self.storage_offset, f"{where}.storage_offset")
+        check_int(self.nbytes, f"{where}.nbytes")
+        if self.nbytes != self.numel * self.itemsize:
+            raise ManifestError(
+                f"{where}.nbytes: {self.nbytes} != numel {self.numel} x itemsize {self.itemsize}"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def extent_bytes(self) -> int:
+        """Bytes of the storage this view touches, counted from the storage's start."""
+        if self.numel == 0:
+            return self.storage_offset * self.itemsize
+        last = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        return (last + 1) * self.itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor, storage: int) -> TensorSpec:
+        return cls(
+            name=name,
+            storage=storage,
+            dtype=dtype_name(tensor.dtype),
+            shape=tuple(tensor.shape),
+            stride=tuple(tensor.stride()),
+            storage_offset=tensor.storage_offset(),
+            nbytes=tensor.numel() * tensor.element_size(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "storage": self.storage, "dtype": self.dtype, "shape": list(self.shape),
+            "stride": list(self.stride), "storage_offset": self.storage_offset, "nbytes": self.nbytes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> TensorSpec:
+        fields = {"name", "storage", "dtype", "shape", "stride", "storage_offset", "nbytes"}
+        check_keys(d, fields, set(), where)
+        check_type(d["shape"], list, f"{where}.shape")
+        check_type(d["stride"], list, f"{where}.stride")
+        check_type(d["dtype"], str, f"{where}.dtype")
+        return cls(**{**d, "shape": tuple(d["shape"]), "stride": tuple(d["stride"])})
+
+
+@dataclass(frozen=True)
+class Producer:
+    """The exporting process. Consumers use it to refuse handles from another boot or from themselves."""
+
+    pid: int
+    boot_id: str
+    hostname: str
+
+    def __post_init__(self) -> None:
+        check_int(self.pid, "producer.pid", minimum=1)
+        check_type(self.boot_id, str, "producer.boot_id")
+        check_type(self.hostname, str, "producer.hostname")
+
+    @classmethod
+    def current(cls) -> Producer:
+        import os
+        import socket
+
+        return cls(pid=os.getpid(), boot_id=boot_id(), hostname=socket.gethostname())
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a consumer needs to map a producer's weights. Immutable; build new ones with ``replace``.
+
+    ``storages`` hold transport-specific specs (see :mod:`ipcbridge.transports`); ``tensors`` are views
+    into them. Tensors that are views of one storage (HF q/k/v of one fused ``qkv_proj``) reference it once.
+    """
+
+    tensors: tuple[TensorSpec, ...]
+    storages: tuple[Any, ...]
+    producer: Producer
+    export_id: str
+    layout: str = "vllm"
+    weight_version: int = 0
+    config: Mapping[str, Any] | None = field(default=None, hash=False)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        check_type(self.export_id, str, "manifest.export_id")
+        if self.layout not in LAYOUTS:
+            raise ManifestError(f"manifest.layout: unknown layout {self.layout!r}; expected one of {LAYOUTS}")
+        check_int(self.weight_version, "manifest.weight_version")
+        if self.config is not None:
+            check_type(self.config, Mapping, "manifest.config")
+        if self.format_version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest.format_version: {self.format_version} is not supported (this ipcbridge reads "
+                f"{FORMAT_VERSION}); use the same ipcbridge version in the engine and the trainer"
+            )
+        seen: set[str] = set()
+        for t in self.tensors:
+            if t.name in seen:
+                raise ManifestError(f"manifest.tensors: duplicate tensor name {t.name!r}")
+            seen.add(t.name)
+            if t.storage >= len(self.storages):
+                raise ManifestError(
+                    f"tensor {t.name!r}.storage: index {t.storage} but only {len(self.storages)} storage(s)"
+                )
+            size = self.storages[t.storage].nbytes
+            if t.extent_bytes() > size:
+                raise ManifestError(
+                    f"tensor {t.name!r}: shape {list(t.shape)}, stride {list(t.stride)} at offset "
+                    f"{t.storage_offset} reaches byte {t.extent_bytes()}, past the end of storage "
+                    f"{t.storage} ({size} bytes)"
+                )
+
+    # -- views ---------------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    @property
+    def transport(self) -> str:
+        kinds = sorted({s.kind for s in self.storages})
+        return kinds[0] if len(kinds) == 1 else "+".join(kinds)
+
+    def total_bytes(self) -> int:
+        """Bytes of the exported storages (each counted once)."""
+        return sum(s.nbytes for s in self.storages)
+
+    def replace(self, **changes: Any) -> Manifest:
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+    # -- serialisation -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "export_id": self.export_id,
+            "layout": self.layout,
+            "weight_version": self.weight_version,
+            "producer": {"pid": self.producer.pid, "boot_id": self.producer.boot_id,
+                         "hostname": self.producer.hostname},
+            "config": None if self.config is None else dict(self.config),
+            "storages": [s.to_dict() for s in self.storages],
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        from ipcbridge import transports
+
+        top = {"format", "format_version", "export_id", "layout", "weight_version", "producer", "config",
+               "storages", "tensors"}
+        check_type(d, Mapping, "manifest")
+        if d.get("format") != FORMAT:
+            raise ManifestError(
+                f"manifest.format: expected {FORMAT!r}, got {d.get('format')!r}; this is not an ipcbridge manifest"
+            )
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest.format_version: {version!r} is not supported (this ipcbridge reads {FORMAT_VERSION}); "
+                "use the same ipcbridge version in the engine and the trainer"
+            )
+        check_keys(d, top, set(), "manifest")
+        p = check_keys(d["producer"], {"pid", "boot_id", "hostname"}, set(), "manifest.producer")
+        check_type(d["storages"], list, "manifest.storages")
+        check_type(d["tensors"], list, "manifest.tensors")
+        storages = tuple(
+            transports.storage_spec_from_dict(s, f"manifest.storages[{i}]") for i, s in enumerate(d["storages"])
+        )
+        tensors = tuple(TensorSpec.from_dict(t, f"manifest.tensors[{i}]") for i, t in enumerate(d["tensors"]))
+        if d["config"] is not None:
+            check_type(d["config"], Mapping, "manifest.config")
+        check_type(d["layout"], str, "manifest.layout")
+        return cls(
+            tensors=tensors,
+            storages=storages,
+            producer=Producer(**p),
+            export_id=d["export_id"],
+            layout=d["layout"],
+            weight_version=d["weight_version"],
+            config=d["config"],
+            format_version=version,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise ManifestError(f"manifest is not valid JSON ({e}); pass the string from Manifest.to_json()") from e
+        return cls.from_dict(d)

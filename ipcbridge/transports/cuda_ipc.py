@@ -1,0 +1,188 @@
+"""CUDA transport: legacy CUDA IPC memory handles, through torch's own storage sharing.
+
+Note [the whole segment is shared]
+    ``cudaIpcGetMemHandle`` names a whole ``cudaMalloc`` allocation, and torch's caching allocator carves
+    many tensors out of one such segment. So a handle exposes the whole segment; ``offset_bytes`` says where
+    this storage starts in it. A consumer can therefore *read* neighbouring tensors of the same segment;
+    sharing is only for processes that already trust each other (one user, one machine). torch caches
+    opened segments per process, so many storages from one segment map it once.
+
+Note [IPC tensors must never be resized]
+    A consumer's storage is a window onto the producer's segment. Resizing it (``resize_``,
+    ``resize_token_embeddings``, ``set_`` to a larger size) would make torch allocate fresh local memory and
+    silently stop aliasing, so the trainer would update a private copy the engine never sees. Attach
+    checks every parameter's pointer lies inside an exported storage; ``Bridge.check()`` re-checks.
+
+Note [the producer keeps the memory]
+    torch's ref-counter file (``ref_counter_handle``/``offset``) tells the producer's caching allocator that
+    a consumer still maps a block, so freeing the tensor in the producer does not hand the memory to another
+    tensor while we hold it. The event (``event_handle``) orders our first use after the producer's last
+    write at export time when ``event_sync_required``.
+
+Note [devices by UUID]
+    A device index means nothing across processes with different ``CUDA_VISIBLE_DEVICES``; the manifest
+    carries the GPU UUID and the consumer opens the handle on whichever local index has that UUID.
+
+Ownership: the producer (the engine) owns the memory. Consumer views stay valid while the consumer holds
+them; drop them and call ``torch.cuda.ipc_collect()`` before the producer exits.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ipcbridge.errors import BridgeError, ManifestError
+from ipcbridge.manifest import check_int, check_keys, check_type
+
+KIND = "cuda_ipc"
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _unb64(s: Any, where: str) -> bytes:
+    check_type(s, str, where)
+    try:
+        return base64.b64decode(s.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as e:
+        raise ManifestError(f"{where}: not valid base64 ({e})") from None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One CUDA storage as returned by ``UntypedStorage._share_cuda_()``, plus the GPU's UUID."""
+
+    kind: ClassVar[str] = KIND
+    gpu_uuid: str
+    device_index: int
+    handle: bytes
+    nbytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+
+    def __post_init__(self) -> None:
+        check_type(self.gpu_uuid, str, "cuda_ipc.gpu_uuid")
+        check_int(self.device_index, "cuda_ipc.device_index")
+        check_type(self.handle, bytes, "cuda_ipc.handle")
+        check_int(self.nbytes, "cuda_ipc.nbytes")
+        check_int(self.offset_bytes, "cuda_ipc.offset_bytes")
+        check_type(self.ref_counter_handle, bytes, "cuda_ipc.ref_counter_handle")
+        check_int(self.ref_counter_offset, "cuda_ipc.ref_counter_offset")
+        if self.event_handle is not None:
+            check_type(self.event_handle, bytes, "cuda_ipc.event_handle")
+        check_type(self.event_sync_required, bool, "cuda_ipc.event_sync_required")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": KIND, "gpu_uuid": self.gpu_uuid, "device_index": self.device_index,
+            "handle": _b64(self.handle), "nbytes": self.nbytes, "offset_bytes": self.offset_bytes,
+            "ref_counter_handle": _b64(self.ref_counter_handle), "ref_counter_offset": self.ref_counter_offset,
+            "event_handle": None if self.event_handle is None else _b64(self.event_handle),
+            "event_sync_required": self.event_sync_required,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Spec:
+        fields = {"kind", "gpu_uuid", "device_index", "handle", "nbytes", "offset_bytes",
+                  "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required"}
+        check_keys(d, fields, set(), where)
+        kw = {k: d[k] for k in fields - {"kind"}}
+        kw["handle"] = _unb64(d["handle"], f"{where}.handle")
+        kw["ref_counter_handle"] = _unb64(d["ref_counter_handle"], f"{where}.ref_counter_handle")
+        if d["event_handle"] is not None:
+            kw["event_handle"] = _unb64(d["event_handle"], f"{where}.event_handle")
+        try:
+            return cls(**kw)
+        except ManifestError as e:
+            raise ManifestError(f"{where}: {e}") from None
+
+
+def normalize_uuid(uuid: object) -> str:
+    return str(uuid).lower().removeprefix("gpu-")
+
+
+@functools.cache
+def _uuid_to_index() -> dict[str, int]:
+    return {normalize_uuid(torch.cuda.get_device_properties(i).uuid): i for i in range(torch.cuda.device_count())}
+
+
+def device_uuid(index: int) -> str:
+    return normalize_uuid(torch.cuda.get_device_properties(index).uuid)
+
+
+def local_device_index(gpu_uuid: str) -> int:
+    """This process's index of the GPU with ``gpu_uuid``. See Note [devices by UUID]."""
+    if not torch.cuda.is_available():
+        raise BridgeError(
+            "the manifest holds CUDA IPC handles but this process sees no CUDA device; run the trainer on "
+            "the engine's machine with its GPU visible"
+        )
+    index = _uuid_to_index().get(normalize_uuid(gpu_uuid))
+    if index is None:
+        raise BridgeError(
+            f"GPU {gpu_uuid} is not visible to this process (visible: {sorted(_uuid_to_index())}); set "
+            "CUDA_VISIBLE_DEVICES so the engine's GPU is visible, or use the NCCL fallback for another GPU"
+        )
+    return index
+
+
+def reduce_storage(storage: torch.UntypedStorage) -> Spec:
+    """Describe ``storage`` with a CUDA IPC handle. See Note [the whole segment is shared]."""
+    try:
+        (device, handle, nbytes, offset_bytes, ref_handle, ref_offset, event_handle, event_sync) = (
+            storage._share_cuda_()
+        )
+    except RuntimeError as e:
+        raise BridgeError(
+            f"torch could not export this CUDA storage through IPC ({e}). Memory from vLLM's sleep mode "
+            "(cumem allocator) or from PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True cannot be shared "
+            "with legacy CUDA IPC: start the engine without them, or use the NCCL fallback"
+        ) from e
+    return Spec(
+        gpu_uuid=device_uuid(device),
+        device_index=int(device),
+        handle=bytes(handle),
+        nbytes=int(nbytes),
+        offset_bytes=int(offset_bytes),
+        ref_counter_handle=bytes(ref_handle),
+        ref_counter_offset=int(ref_offset),
+        event_handle=None if event_handle is None else bytes(event_handle),
+        event_sync_required=bool(event_sync),
+    )
+
+
+def _new_shared_cuda_args(spec: Spec, local_index: int) -> tuple[Any, ...]:
+    """Arguments of ``UntypedStorage._new_shared_cuda``, in the order of ``_share_cuda_()``'s result.
+
+    Position 0 is the storage *device*: it must be this process's index of the GPU (Note [devices by
+    UUID]), never the producer's ``device_index``; otherwise a trainer with another CUDA_VISIBLE_DEVICES
+    would open the handle on the wrong GPU and fail, or worse, succeed on a peer-mapped one.
+    """
+    return (
+        local_index, spec.handle, spec.nbytes, spec.offset_bytes, spec.ref_counter_handle,
+        spec.ref_counter_offset, spec.event_handle, spec.event_sync_required,
+    )
+
+
+def rebuild_storage(spec: Spec) -> torch.UntypedStorage:
+    """Open the producer's IPC handle. A process cannot open its own handles (CUDA refuses)."""
+    index = local_device_index(spec.gpu_uuid)
+    torch.cuda._lazy_init()
+    try:
+        with torch.cuda.device(index):
+            return torch.UntypedStorage._new_shared_cuda(*_new_shared_cuda_args(spec, index))
+    except RuntimeError as e:
+        raise BridgeError(
+            f"could not open the CUDA IPC handle of GPU {spec.gpu_uuid} ({e}); the engine may have exited "
+            "or freed its weights: ask it for a fresh manifest. Processes in different containers need a "
+            "shared IPC namespace (docker --ipc=host)"
+        ) from e
