@@ -1,6 +1,7 @@
 """ipcbridge: train the very weights your inference engine serves, in place, with no second copy."""
 
 from ipcbridge.attach import attach
+from ipcbridge.bridge import Bridge, CheckReport, connect
 from ipcbridge.errors import BridgeError, EngineError, IpcBridgeError, ManifestError, MappingError
 from ipcbridge.handles import export, open_manifest
 from ipcbridge.manifest import Manifest
@@ -8,6 +9,6 @@ from ipcbridge.manifest import Manifest
 __version__ = "0.1.0"
 
 __all__ = [
-    "BridgeError", "EngineError", "IpcBridgeError", "Manifest", "ManifestError", "MappingError",
-    "__version__", "attach", "export", "open_manifest",
+    "Bridge", "BridgeError", "CheckReport", "EngineError", "IpcBridgeError", "Manifest", "ManifestError", "MappingError",
+    "__version__", "attach", "connect", "export", "open_manifest",
 ]
