@@ -2,6 +2,7 @@
 
 from ipcbridge.attach import attach
 from ipcbridge.bridge import Bridge, CheckReport, connect
+from ipcbridge.engine import GenerateOutput, LocalEngine
 from ipcbridge.errors import BridgeError, EngineError, IpcBridgeError, ManifestError, MappingError
 from ipcbridge.handles import export, open_manifest
 from ipcbridge.manifest import Manifest
@@ -9,6 +10,6 @@ from ipcbridge.manifest import Manifest
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bridge", "BridgeError", "CheckReport", "EngineError", "IpcBridgeError", "Manifest", "ManifestError", "MappingError",
+    "Bridge", "BridgeError", "CheckReport", "EngineError", "GenerateOutput", "IpcBridgeError", "LocalEngine", "Manifest", "ManifestError", "MappingError",
     "__version__", "attach", "connect", "export", "open_manifest",
 ]

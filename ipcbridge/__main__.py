@@ -1,0 +1,5 @@
+import sys
+
+from ipcbridge.cli import main
+
+sys.exit(main())

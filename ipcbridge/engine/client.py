@@ -1,0 +1,228 @@
+"""``LocalEngine``: start the embedded engine process and talk to it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ipcbridge.engine import protocol
+from ipcbridge.engine.types import GenerateOutput
+from ipcbridge.errors import EngineError
+from ipcbridge.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+
+def _source(model: Any, seed: int) -> dict[str, Any]:
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is not a local model directory (no config.json); pass a transformers config or a "
+                "directory written by save_pretrained"
+            )
+        return {"path": str(path.resolve())}
+    if isinstance(model, Mapping):
+        return {"config": dict(model), "seed": seed}
+    if hasattr(model, "to_dict"):
+        return {"config": model.to_dict(), "seed": seed}
+    raise TypeError(f"LocalEngine takes a transformers config, a config dict or a local path, got {type(model).__name__}")
+
+
+def _stop(proc: subprocess.Popen[bytes], workdir: str) -> None:
+    """Stop the engine process and remove its private directory. Safe to call twice."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+class LocalEngine:
+    """The embedded engine, running in a child process. Constructing it starts the process.
+
+    ``model`` is a ``transformers`` config (random weights from ``seed``), its ``to_dict()``, or a local
+    directory with ``config.json`` and ``*.safetensors``. ``device`` defaults to ``"cuda"`` when available
+    (weights shared over CUDA IPC), else ``"cpu"`` (shared through /dev/shm). The engine owns the weights;
+    ``ipcbridge.connect(engine)`` gives a trainer views of them. ``close()`` (or leaving ``with``) stops it.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str | None = None,
+        seed: int = 0,
+        dtype: torch.dtype | str | None = None,
+        start_timeout: float = 120.0,
+        request_timeout: float = 60.0,
+    ) -> None:
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
+        dtype_name = str(dtype).removeprefix("torch.")
+        self.request_timeout = request_timeout
+        source = _source(model, seed)
+        # Note [control channel security]: a private 0700 directory holds the socket and the log.
+        self._dir = tempfile.mkdtemp(prefix="ipcbridge-engine-")
+        self._token = secrets.token_urlsafe(32)
+        self.socket_path = os.path.join(self._dir, "engine.sock")
+        self.log_path = os.path.join(self._dir, "engine.log")
+        Path(self._dir, "source.json").write_text(json.dumps(source))
+        cmd = [
+            sys.executable, "-m", "ipcbridge.engine.server", "--socket", self.socket_path,
+            "--source", os.path.join(self._dir, "source.json"), "--device", self.device, "--dtype", dtype_name,
+            "--parent", str(os.getpid()),
+        ]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._dir)
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(self._token.encode() + b"\n")
+            self._proc.stdin.close()
+            self._wait_ready(start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- process management --------------------------------------------------------------------------
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            text = Path(self.log_path).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                raise EngineError(f"engine process exited with code {code} while starting:\n{self._log_tail()}")
+            if os.path.exists(self.socket_path):
+                try:
+                    protocol.call(self.socket_path, self._token, "ping", timeout=5.0)
+                    return
+                except EngineError:
+                    pass
+            time.sleep(0.05)
+        raise EngineError(f"engine did not start within {timeout:.0f}s:\n{self._log_tail()}")
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def _call(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        code = self._proc.poll()
+        if code is not None:
+            raise EngineError(
+                f"engine process {self._proc.pid} has exited (code {code}); start a new LocalEngine.\n"
+                f"{self._log_tail(5)}"
+            )
+        try:
+            return protocol.call(self.socket_path, self._token, op, args, timeout=timeout or self.request_timeout)
+        except EngineError as e:
+            code = self._proc.poll()
+            if code is not None:
+                raise EngineError(f"engine process exited (code {code}) during {op!r}:\n{self._log_tail(5)}") from None
+            raise e
+
+    def close(self) -> None:
+        """Stop the engine process and remove its socket directory. Views a trainer holds stay readable."""
+        if self._proc.poll() is None:
+            try:
+                protocol.call(self.socket_path, self._token, "shutdown", timeout=5.0)
+                self._proc.wait(timeout=10)
+            except (EngineError, subprocess.TimeoutExpired):
+                pass
+        self._finalizer()
+
+    def __enter__(self) -> LocalEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- API -----------------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[list[int]], max_tokens: int = 16, temperature: float = 0.0, seed: int | None = None
+    ) -> list[GenerateOutput]:
+        """Complete each prompt (token ids). Greedy at ``temperature=0``; ``seed`` makes sampling repeatable."""
+        result = self._call(
+            "generate",
+            {"prompts": prompts, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
+             "wait": self.request_timeout},
+        )
+        return [GenerateOutput(**r) for r in result]
+
+    def manifest(self) -> Manifest:
+        return Manifest.from_dict(self._call("manifest"))
+
+    def pause(self, timeout: float | None = None) -> None:
+        self._call("pause", {"timeout": timeout or self.request_timeout})
+
+    def resume(self, weight_version: int) -> None:
+        self._call("resume", {"version": weight_version})
+
+    @property
+    def weight_version(self) -> int:
+        return int(self._call("ping")["version"])
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._call("stats"))
+
+    def ipcbridge_endpoint(self) -> LocalEndpoint:
+        return LocalEndpoint(self)
+
+
+class LocalEndpoint:
+    """The bridge's view of a LocalEngine. Closing it leaves the engine running."""
+
+    name = "local-engine"
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self.engine = engine
+
+    def manifest(self) -> Manifest:
+        return self.engine.manifest()
+
+    def pause(self) -> None:
+        self.engine.pause()
+
+    def resume(self, weight_version: int) -> None:
+        self.engine.resume(weight_version)
+
+    def close(self) -> None:
+        pass
+
+    def sample(self, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+        out = self.engine.generate([prompt], max_tokens=max_tokens, temperature=0.0)[0]
+        return out.token_ids, out.logprobs
+
+
+def _package_root() -> str:
+    # The child must import this very ipcbridge, also when it runs from a source checkout.
+    return str(Path(__file__).resolve().parents[2])

@@ -1,0 +1,14 @@
+"""Values engines return to the trainer. Plain data: they cross the control socket as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """One completion: the new tokens, the engine's logprob of each, and the weights that produced it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    weight_version: int
