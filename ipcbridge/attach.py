@@ -62,8 +62,8 @@ def to_hf_config(config: Any) -> Any:
             raise MappingError("config dict has no 'model_type'; pass config.to_dict() of a transformers config")
         try:
             return AutoConfig.for_model(mt, **d)
-        except ValueError as e:
-            raise MappingError(f"unknown architecture {mt!r} for transformers: {e}") from None
+        except Exception as e:  # transformers validates configs with several exception types
+            raise MappingError(f"transformers rejects this {mt!r} config: {e}") from None
     if isinstance(config, str):
         return AutoConfig.from_pretrained(config)
     raise TypeError(f"config must be a transformers config, a dict or a path, got {type(config).__name__}")

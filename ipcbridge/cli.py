@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--engine", choices=["local", "vllm"], default="local", help="embedded engine (default) or vLLM (GPU)")
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--batch", type=int, default=16)
-    d.add_argument("--lr", type=float, default=3e-2)
+    d.add_argument("--lr", type=float, default=1e-2)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="engine device (default: cuda if available, else cpu)")
     d.add_argument("--json", action="store_true", help="print only the summary, as one JSON object")

@@ -67,7 +67,7 @@ def run(
     steps: int = 30,
     batch: int = 16,
     max_tokens: int = 8,
-    lr: float = 3e-2,
+    lr: float = 1e-2,
     seed: int = 0,
     device: str | None = None,
     log: Callable[[str], None] | None = None,

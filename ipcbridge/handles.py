@@ -40,13 +40,14 @@ def config_to_dict(config: Any) -> dict[str, Any] | None:
 
 
 def named_tensors(source: Mapping[str, torch.Tensor] | nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors to export, as the caller's own objects (parameters included), not detached copies."""
     if isinstance(source, nn.Module):
-        return {n: p.data for n, p in source.named_parameters()}
+        return dict(source.named_parameters())
     if isinstance(source, Mapping):
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise TypeError(f"export() needs tensors; these entries are not: {bad[:5]}")
-        return {k: v.detach() for k, v in source.items()}
+        return dict(source)
     raise TypeError(f"export() takes a state dict or an nn.Module, got {type(source).__name__}")
 
 
@@ -66,12 +67,15 @@ def export(
     tensors = named_tensors(source)
     if not tensors:
         raise ManifestError("nothing to export: the state dict/module has no tensors")
-    storage_index: dict[tuple[str, int], int] = {}
+    # Keyed by the StorageImpl (``_cdata``), not ``data_ptr()``: sharing a CPU storage moves its bytes, and
+    # views of it must still find the entry made for the first tensor.
+    storage_index: dict[int, int] = {}
     storages: list[Any] = []
     specs: list[TensorSpec] = []
     for name, t in tensors.items():
+        t = t.detach()
         st = t.untyped_storage()
-        key = (str(t.device), st.data_ptr())
+        key = st._cdata
         if key not in storage_index:
             storage_index[key] = len(storages)
             storages.append(transports.for_device(t.device).reduce_storage(st))
@@ -85,6 +89,8 @@ def export(
         weight_version=weight_version,
         config=config_to_dict(config),
     )
+    for stale in [k for k, refs in _LOCAL_EXPORTS.items() if all(r() is None for r in refs.values())]:
+        del _LOCAL_EXPORTS[stale]
     _LOCAL_EXPORTS[manifest.export_id] = {n: weakref.ref(t) for n, t in tensors.items()}
     logger.debug("exported %d tensors in %d storages (%s, %d bytes)", len(specs), len(storages),
                  manifest.transport, manifest.total_bytes())
@@ -116,14 +122,15 @@ class OpenedManifest:
 
 def _own_export(manifest: Manifest) -> OpenedManifest:
     refs = _LOCAL_EXPORTS.get(manifest.export_id)
-    tensors = {n: r() for n, r in (refs or {}).items()}
-    if refs is None or any(t is None for t in tensors.values()):
+    alive = {n: r() for n, r in (refs or {}).items()}
+    if refs is None or any(t is None for t in alive.values()):
         raise BridgeError(
             "this manifest was exported by this very process and its tensors are gone; CUDA cannot open a "
             "process's own IPC handles. Pass the state dict itself: ipcbridge.attach(state_dict, config)"
         )
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors.values()}
-    return OpenedManifest(manifest, tensors, list(storages.values()))  # type: ignore[arg-type]
+    tensors = {n: t.detach() for n, t in alive.items() if t is not None}
+    storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in tensors.values()}
+    return OpenedManifest(manifest, tensors, list(storages.values()))
 
 
 def open_manifest(manifest: Manifest) -> OpenedManifest:

@@ -1,0 +1,68 @@
+"""connect() dispatch and the fence, without an engine process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import reference_model, tiny_config, vllm_weights
+
+import ipcbridge
+from ipcbridge import BridgeError
+from ipcbridge.bridge import ENDPOINTS, ManifestEndpoint, resolve_endpoint
+
+
+def test_connect_to_a_manifest() -> None:
+    cfg = tiny_config("llama")
+    weights = vllm_weights(reference_model(cfg), cfg)
+    bridge = ipcbridge.connect(ipcbridge.export(weights, cfg), check=True)
+    assert isinstance(bridge.endpoint, ManifestEndpoint)
+    with bridge.update():
+        with torch.no_grad():
+            bridge.model.model.norm.weight.fill_(2.0)
+    assert bridge.weight_version == 1 and weights["model.norm.weight"].eq(2.0).all()
+    assert len(bridge.fence_seconds) == 1
+    bridge.close()
+    with pytest.raises(BridgeError, match="closed"), bridge.update():
+        pass
+
+
+def test_unknown_target_names_the_accepted_ones() -> None:
+    with pytest.raises(TypeError, match="LocalEngine, a vllm.LLM"):
+        ipcbridge.connect(object())
+
+
+def test_endpoints_are_registered_by_module_path() -> None:
+    for path in ENDPOINTS.values():
+        module, _, attr = path.partition(":")
+        assert module.startswith("ipcbridge.") and attr
+
+
+class _RecordingEndpoint:
+    name = "recording"
+
+    def __init__(self, manifest) -> None:
+        self._m, self.calls = manifest, []
+
+    def manifest(self):
+        return self._m
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def resume(self, weight_version: int) -> None:
+        self.calls.append(("resume", weight_version))
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_custom_endpoint_sees_pause_then_resume_with_the_new_version() -> None:
+    cfg = tiny_config("llama")
+    weights = vllm_weights(reference_model(cfg), cfg)
+    ep = _RecordingEndpoint(ipcbridge.export(weights, cfg))
+    assert resolve_endpoint(ep) is ep
+    bridge = ipcbridge.connect(ep)
+    with bridge.update():
+        assert ep.calls == ["pause"]
+    bridge.close()
+    assert ep.calls == ["pause", ("resume", 1), "close"]
