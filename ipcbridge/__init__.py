@@ -2,14 +2,16 @@
 
 from ipcbridge.attach import attach
 from ipcbridge.bridge import Bridge, CheckReport, connect
+from ipcbridge.checkpoint import save_pretrained
 from ipcbridge.engine import GenerateOutput, LocalEngine
 from ipcbridge.errors import BridgeError, EngineError, IpcBridgeError, ManifestError, MappingError
 from ipcbridge.handles import export, open_manifest
 from ipcbridge.manifest import Manifest
+from ipcbridge import mapping
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Bridge", "BridgeError", "CheckReport", "EngineError", "GenerateOutput", "IpcBridgeError", "LocalEngine", "Manifest", "ManifestError", "MappingError",
-    "__version__", "attach", "connect", "export", "open_manifest",
+    "__version__", "attach", "connect", "export", "open_manifest", "save_pretrained",
 ]

@@ -178,6 +178,10 @@ class LocalEngine:
         )
         return [GenerateOutput(**r) for r in result]
 
+    def score(self, prompt: list[int], completion: list[int]) -> list[float]:
+        """The engine's logprob of each ``completion`` token after ``prompt`` (one full forward pass)."""
+        return list(self._call("score", {"prompt": prompt, "completion": completion, "wait": self.request_timeout}))
+
     def manifest(self) -> Manifest:
         return Manifest.from_dict(self._call("manifest"))
 

@@ -178,6 +178,13 @@ class Engine:
             self.stats["requests"] += 1
             return [self.generate_one(p, max_tokens, temperature, generator) for p in prompts]
 
+    def score(self, prompt: list[int], completion: list[int], wait: float) -> list[float]:
+        """Logprobs of ``completion`` after ``prompt`` from one full forward pass (no caches)."""
+        from ipcbridge.bridge import sequence_logprobs
+
+        with self.gate.enter(wait), self.lock:
+            return sequence_logprobs(self.model, prompt, completion)
+
     # -- weight updates ------------------------------------------------------------------------------
 
     def pause(self, timeout: float) -> None:
@@ -234,6 +241,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 [list(p) for p in args["prompts"]], int(args.get("max_tokens", 16)),
                 float(args.get("temperature", 0.0)), args.get("seed"), float(args.get("wait", 60.0)),
             )
+        if op == "score":
+            return engine.score(list(args["prompt"]), list(args["completion"]), float(args.get("wait", 60.0)))
         if op == "pause":
             engine.pause(float(args.get("timeout", 60.0)))
             return None
