@@ -46,7 +46,7 @@ class Attachment:
 
 
 def _span_bytes(t: torch.Tensor) -> int:
-    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=False))) * t.element_size()
 
 
 def to_hf_config(config: Any) -> Any:

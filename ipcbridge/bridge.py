@@ -224,7 +224,7 @@ class Bridge:
             prompt = prompt or [1, 2, 3, 4]
             tokens, engine_lp = sample(prompt, max_tokens)
             hf_lp = sequence_logprobs(model, prompt, tokens)
-            diffs = [abs(a - b) for a, b in zip(hf_lp, engine_lp)]
+            diffs = [abs(a - b) for a, b in zip(hf_lp, engine_lp, strict=False)]
             report.logprob_mean_abs_diff = sum(diffs) / len(diffs) if diffs else 0.0
             report.logprob_max_abs_diff = max(diffs, default=0.0)
         else:

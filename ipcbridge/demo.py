@@ -96,7 +96,7 @@ def run(
             mean_r = statistics.fmean(rs)
             rewards.append(mean_r)
             log(f"{step:>4} {mean_r:>7.3f} {outs[0].weight_version:>7}  {outs[0].token_ids}")
-            ids = torch.tensor([p + o.token_ids for p, o in zip(prompts, outs)], device=param_device)
+            ids = torch.tensor([p + o.token_ids for p, o in zip(prompts, outs, strict=False)], device=param_device)
             adv = torch.tensor([r - mean_r for r in rs], device=param_device)
             logits = model(ids).logits[:, len(prompts[0]) - 1 : -1].float()
             lp = torch.log_softmax(logits, -1).gather(-1, ids[:, len(prompts[0]) :, None])[..., 0]

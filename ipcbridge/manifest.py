@@ -141,7 +141,7 @@ class TensorSpec:
         """Bytes of the storage this view touches, counted from the storage's start."""
         if self.numel == 0:
             return self.storage_offset * self.itemsize
-        last = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        last = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=False))
         return (last + 1) * self.itemsize
 
     @classmethod

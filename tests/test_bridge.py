@@ -16,9 +16,8 @@ def test_connect_to_a_manifest() -> None:
     weights = vllm_weights(reference_model(cfg), cfg)
     bridge = ipcbridge.connect(ipcbridge.export(weights, cfg), check=True)
     assert isinstance(bridge.endpoint, ManifestEndpoint)
-    with bridge.update():
-        with torch.no_grad():
-            bridge.model.model.norm.weight.fill_(2.0)
+    with bridge.update(), torch.no_grad():
+        bridge.model.model.norm.weight.fill_(2.0)
     assert bridge.weight_version == 1 and weights["model.norm.weight"].eq(2.0).all()
     assert len(bridge.fence_seconds) == 1
     bridge.close()
@@ -27,7 +26,7 @@ def test_connect_to_a_manifest() -> None:
 
 
 def test_unknown_target_names_the_accepted_ones() -> None:
-    with pytest.raises(TypeError, match="LocalEngine, a vllm.LLM"):
+    with pytest.raises(TypeError, match=r"LocalEngine, a vllm\.LLM"):
         ipcbridge.connect(object())
 
 

@@ -20,7 +20,7 @@ def test_demo_json_reward_rises() -> None:
         capture_output=True, text=True, timeout=240, check=True,
     )
     summary = json.loads(out.stdout)
-    assert KEYS <= summary.keys()
+    assert summary.keys() >= KEYS
     assert summary["reward_last"] > summary["reward_first"] + 0.3
     assert summary["trainer_weight_bytes"] == 0 and summary["model_weight_bytes"] > 0
     assert summary["transport"] == "shm" and summary["steps"] == 12

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import socketserver
 import sys
 import threading
@@ -263,11 +264,13 @@ class _Handler(socketserver.BaseRequestHandler):
             pass  # the client went away; nothing to tell
 
 
-def _exit_with_parent(server: _Server, parent: int) -> None:
+def _exit_with_parent(server: _Server, parent: int, workdir: str) -> None:
     # An engine must not outlive the script that started it: poll, since PR_SET_PDEATHSIG is Linux-only.
     while os.getppid() == parent:
         time.sleep(0.5)
     logger.warning("parent %d exited; shutting down", parent)
+    # Nobody is left to clean up the private directory (socket, log): do it here.
+    shutil.rmtree(workdir, ignore_errors=True)
     server.shutdown()
 
 
@@ -290,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     os.chmod(args.socket, 0o600)
     server.engine, server.token = engine, token
     if args.parent:
-        threading.Thread(target=_exit_with_parent, args=(server, args.parent), daemon=True).start()
+        workdir = os.path.dirname(os.path.abspath(args.socket))
+        threading.Thread(target=_exit_with_parent, args=(server, args.parent, workdir), daemon=True).start()
     logger.info("serving %s on %s (%s, %s)", engine.config.model_type, args.socket, args.device, args.dtype)
     try:
         server.serve_forever(poll_interval=0.2)

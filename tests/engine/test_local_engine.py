@@ -7,6 +7,7 @@ import signal
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,9 +144,8 @@ def test_engine_killed_while_attached() -> None:
     os.kill(eng.pid, signal.SIGKILL)
     eng._proc.wait(10)
     ran = False
-    with pytest.raises(EngineError, match="exited"):
-        with b.update():
-            ran = True
+    with pytest.raises(EngineError, match="exited"), b.update():
+        ran = True
     assert not ran  # the step never ran against an engine that cannot be fenced
     # the trainer's views outlive the engine: the mapping stays valid, nothing crashes
     assert torch.equal(b.model(torch.tensor([PROMPT])).logits, before)
@@ -173,5 +173,27 @@ def test_engine_from_a_local_checkpoint(tmp_path) -> None:
     ref.save_pretrained(tmp_path)
     with ipcbridge.LocalEngine(tmp_path, device="cpu") as eng:
         assert eng.generate([PROMPT], max_tokens=5)[0].token_ids == greedy(ref, PROMPT, 5)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         ipcbridge.LocalEngine(tmp_path / "missing")
+
+
+def test_engine_exits_and_cleans_up_when_its_trainer_dies() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, os, ipcbridge\n"
+        "sys.path.insert(0, os.path.join(os.getcwd(), 'tests'))\n"
+        "from conftest import tiny_config\n"
+        "e = ipcbridge.LocalEngine(tiny_config('llama'), device='cpu')\n"
+        "print(e.pid, os.path.dirname(e.socket_path), flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    pid_s, workdir = out.stdout.split()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid_s}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid_s}") or Path(f"/proc/{pid_s}/stat").read_text().split()[2] == "Z"
+    assert not os.path.exists(workdir)

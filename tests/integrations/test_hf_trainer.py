@@ -47,5 +47,5 @@ def test_training_a_different_model_is_refused() -> None:
     weights = ipcbridge.mapping.to_vllm(dict(AutoModelForCausalLM.from_config(cfg).state_dict()), cfg)
     bridge = ipcbridge.connect(ipcbridge.export(weights, cfg))
     other = AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(BridgeError, match="pass model=bridge.model"):
+    with pytest.raises(BridgeError, match=r"pass model=bridge\.model"):
         BridgeCallback(bridge).on_train_begin(None, None, None, model=other)
