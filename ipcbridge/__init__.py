@@ -1,5 +1,6 @@
 """ipcbridge: train the very weights your inference engine serves, in place, with no second copy."""
 
+from ipcbridge import mapping
 from ipcbridge.attach import attach
 from ipcbridge.bridge import Bridge, CheckReport, connect
 from ipcbridge.checkpoint import save_pretrained
@@ -7,11 +8,11 @@ from ipcbridge.engine import GenerateOutput, LocalEngine
 from ipcbridge.errors import BridgeError, EngineError, IpcBridgeError, ManifestError, MappingError
 from ipcbridge.handles import export, open_manifest
 from ipcbridge.manifest import Manifest
-from ipcbridge import mapping
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bridge", "BridgeError", "CheckReport", "EngineError", "GenerateOutput", "IpcBridgeError", "LocalEngine", "Manifest", "ManifestError", "MappingError",
-    "__version__", "attach", "connect", "export", "open_manifest", "save_pretrained",
+    "Bridge", "BridgeError", "CheckReport", "EngineError", "GenerateOutput", "IpcBridgeError", "LocalEngine",
+    "Manifest", "ManifestError", "MappingError", "__version__", "attach", "connect", "export", "mapping",
+    "open_manifest", "save_pretrained",
 ]

@@ -1,15 +1,36 @@
-"""HF <-> vLLM name and layout mapping, table-driven per architecture.
+"""Name and layout mapping between HF, vLLM and Meta state dicts, table-driven per architecture.
 
-``to_vllm(hf_sd, config)`` builds vLLM's layout (copies where vLLM fuses or pads); ``hf_views(vllm_sd,
-config)`` gives HF-named zero-copy views of it. ``plan_from_vllm``/``plan_from_hf`` say, per tensor, how
-the two relate and whether a direction is an alias or a copy.
+``convert(sd, config, src, dst)`` converts between any two of ``"hf"``, ``"vllm"`` and ``"meta"`` (copies
+only where a layout fuses, pads, transposes or permutes; ``alias_only=True`` refuses those);
+``to_vllm(hf_sd, config)`` and ``hf_views(vllm_sd, config)`` are the vLLM shortcuts. ``plan``,
+``plan_from_vllm`` and ``plan_from_hf`` say, per tensor, how two layouts relate and whether a direction
+is an alias or a copy.
 """
 
-from ipcbridge.mapping.archs import ARCHITECTURES, ArchSpec, get_arch, register, supported_model_types
-from ipcbridge.mapping.core import Step, hf_views, plan_from_hf, plan_from_vllm, to_vllm
-from ipcbridge.mapping.rules import GATE_UP, QKV, Rows, Rule, Same, Transposed, Vocab
+from ipcbridge.mapping.archs import (
+    ARCHITECTURES,
+    LAYOUTS,
+    ArchSpec,
+    get_arch,
+    register,
+    supported_model_types,
+)
+from ipcbridge.mapping.core import (
+    Step,
+    convert,
+    hf_parameter_shapes,
+    hf_views,
+    plan,
+    plan_from_hf,
+    plan_from_vllm,
+    to_vllm,
+)
+from ipcbridge.mapping.meta import META_ARCHITECTURES, permute_rotary, unpermute_rotary
+from ipcbridge.mapping.rules import GATE_UP, QKV, Rotary, Rows, Rule, Same, Transposed, Vocab
 
 __all__ = [
-    "ARCHITECTURES", "GATE_UP", "QKV", "ArchSpec", "Rows", "Rule", "Same", "Step", "Transposed", "Vocab",
-    "get_arch", "hf_views", "plan_from_hf", "plan_from_vllm", "register", "supported_model_types", "to_vllm",
+    "ARCHITECTURES", "GATE_UP", "LAYOUTS", "META_ARCHITECTURES", "QKV", "ArchSpec", "Rotary", "Rows", "Rule",
+    "Same", "Step", "Transposed", "Vocab", "convert", "get_arch", "hf_parameter_shapes", "hf_views",
+    "permute_rotary", "plan", "plan_from_hf", "plan_from_vllm", "register", "supported_model_types",
+    "to_vllm", "unpermute_rotary",
 ]

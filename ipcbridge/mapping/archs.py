@@ -1,7 +1,11 @@
 """Per-architecture tables: HF parameter name template -> rule naming the vLLM tensor (vLLM 0.25.1).
 
 Sources of each fact are noted per table. "Observed" means read off real vLLM 0.25.1 on the GPU machine
-(``../shared/vllm-device/arch_check.py`` and the vllm-marked tests); "source" means vLLM's model file.
+(``../shared/vllm-device/arch_check.py`` and the vllm-marked tests); "source" means vLLM's model file under
+``vllm/model_executor/models/`` (vocab padding: ``layers/vocab_parallel_embedding.py``,
+``DEFAULT_VOCAB_PADDING_SIZE = 64``, applied to ``VocabParallelEmbedding`` and ``ParallelLMHead`` but not to
+the plain ``nn.Embedding`` position tables of GPT-2 and OPT). HF names are those of the installed
+``transformers`` (``AutoModelForCausalLM.from_config``).
 """
 
 from __future__ import annotations
@@ -11,17 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipcbridge.errors import MappingError
-from ipcbridge.mapping.rules import GATE_UP, QKV, Rows, Rule, Same, Vocab
+from ipcbridge.mapping.rules import GATE_UP, QKV, Rows, Rule, Same, Transposed, Vocab
 
 _MISSING = object()
 
 
 def cfg(config: Any, key: str, default: Any = _MISSING) -> Any:
     """Read ``key`` from an HF config object or dict; a missing required field is a MappingError."""
-    if isinstance(config, Mapping):
-        value = config.get(key, default)
-    else:
-        value = getattr(config, key, default)
+    value = config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
     if value is _MISSING:
         raise MappingError(f"config has no field {key!r}, which this architecture needs")
     return value
@@ -65,22 +66,34 @@ def kv_heads(config: Any) -> int:
     return kv
 
 
-def attention_mlp_sizes(config: Any) -> dict[str, int]:
-    """Row sizes of fused ``qkv_proj`` and ``gate_up_proj`` for GQA decoders."""
+def qkv_sizes(config: Any) -> dict[str, int]:
+    """Row sizes of a fused ``[q | k | v]`` projection (GQA aware; MHA when the config has no kv heads)."""
     hd = head_dim(config)
-    inter = positive(config, "intermediate_size")
     return {
         "q": positive(config, "num_attention_heads") * hd,
         "k": kv_heads(config) * hd,
         "v": kv_heads(config) * hd,
-        "gate": inter,
-        "up": inter,
     }
+
+
+def attention_mlp_sizes(config: Any) -> dict[str, int]:
+    """Row sizes of fused ``qkv_proj`` and ``gate_up_proj`` for GQA decoders."""
+    inter = positive(config, "intermediate_size")
+    return {**qkv_sizes(config), "gate": inter, "up": inter}
+
+
+def no_rows(config: Any) -> dict[str, int]:
+    """For tables without ``Rows`` rules: nothing fused differently on the two sides."""
+    return {}
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """One architecture: its HF -> vLLM table and the config facts the rules need."""
+    """One architecture: its HF -> other-layout table and the config facts the rules need.
+
+    The other layout is vLLM's for the tables here and Meta's for :mod:`ipcbridge.mapping.meta`; a rule's
+    ``vllm`` field names the tensor in that layout.
+    """
 
     name: str
     model_types: tuple[str, ...]
@@ -93,6 +106,8 @@ class ArchSpec:
     always_tied: bool = False
     #: vLLM pads vocab rows to a multiple of this (``DEFAULT_VOCAB_PADDING_SIZE``).
     vocab_pad: int = 64
+    #: config field -> (the only value this table maps, why): variants the engine or the table refuses.
+    requires: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
 
     def is_tied(self, config: Any) -> bool:
         if self.always_tied:
@@ -105,6 +120,16 @@ class ArchSpec:
     def padded_vocab(self, config: Any) -> int:
         v = self.vocab_size(config)
         return -(-v // self.vocab_pad) * self.vocab_pad
+
+    def check(self, config: Any) -> None:
+        """Refuse config variants this table does not map, naming the field."""
+        for key, (want, why) in self.requires.items():
+            got = cfg(config, key, want)
+            if got != want:
+                raise MappingError(
+                    f"config.{key}={got!r} is not supported for {self.name!r}: {why}. Use a config with "
+                    f"{key}={want!r}"
+                )
 
 
 def llama_like(**extra: Rule) -> dict[str, Rule]:
@@ -130,6 +155,14 @@ def llama_like(**extra: Rule) -> dict[str, Rule]:
 
 
 TIED_LM_HEAD = {"lm_head.weight": "model.embed_tokens.weight"}
+QK_NORM = {
+    "model.layers.{}.self_attn.q_norm.weight": Same(),
+    "model.layers.{}.self_attn.k_norm.weight": Same(),
+}
+SANDWICH_NORMS = {  # Gemma2/3: norms before and after the MLP too
+    "model.layers.{}.pre_feedforward_layernorm.weight": Same(),
+    "model.layers.{}.post_feedforward_layernorm.weight": Same(),
+}
 
 # Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q_norm/k_norm). Observed on vLLM 0.25.1 (Llama: names,
 # shapes, [q|k|v] and [gate|up] row order, vocab 1000 -> 1024, untied lm_head padded like the embedding);
@@ -137,32 +170,188 @@ TIED_LM_HEAD = {"lm_head.weight": "model.embed_tokens.weight"}
 LLAMA = ArchSpec(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
-    params=llama_like(**{
-        "model.layers.{}.self_attn.q_norm.weight": Same(),
-        "model.layers.{}.self_attn.k_norm.weight": Same(),
-    }),
+    params=llama_like(**QK_NORM),
     tied=TIED_LM_HEAD,
 )
 
-ARCHITECTURES: list[ArchSpec] = [LLAMA]
+# Gemma. Observed on vLLM 0.25.1: Llama's names and shapes, no lm_head.weight. Source gemma.py:
+# GemmaForCausalLM asserts tie_word_embeddings and computes logits from model.embed_tokens; q/k/v and o_proj
+# are built with bias=False whatever config.attention_bias says. GemmaRMSNorm computes x * (1 + w), as HF
+# does, so the zero-centred weights are the same numbers on both sides: Same, never shifted. The sqrt(hidden)
+# embedding scale is a non-persistent buffer on both sides, not a parameter.
+GEMMA = ArchSpec(
+    name="gemma",
+    model_types=("gemma",),
+    params=llama_like(),
+    tied=TIED_LM_HEAD,
+    tie_default=True,
+    requires={
+        "tie_word_embeddings": (True, "vLLM 0.25.1's GemmaForCausalLM asserts tied embeddings (gemma.py)"),
+        "attention_bias": (False, "vLLM 0.25.1 builds Gemma's qkv_proj/o_proj without biases (gemma.py)"),
+    },
+)
+
+# Gemma2. Source only (gemma2.py): Gemma's layout plus pre_/post_feedforward_layernorm; qkv_proj/o_proj
+# biases follow config.attention_bias; asserts tie_word_embeddings. Soft-capping is config, not weights.
+GEMMA2 = ArchSpec(
+    name="gemma2",
+    model_types=("gemma2",),
+    params=llama_like(**SANDWICH_NORMS),
+    tied=TIED_LM_HEAD,
+    tie_default=True,
+    requires={
+        "tie_word_embeddings": (True, "vLLM 0.25.1's Gemma2ForCausalLM asserts tied embeddings (gemma2.py)"),
+    },
+)
+
+# Gemma3 text (transformers model_type "gemma3_text", Gemma3ForCausalLM). Source only (gemma3.py): Gemma2's
+# layout plus per-head q_norm/k_norm [head_dim]. Unlike Gemma/Gemma2, Gemma3ForCausalLM builds a padded
+# ParallelLMHead and only ties it when config.tie_word_embeddings (the default) says so: both are mapped.
+GEMMA3 = ArchSpec(
+    name="gemma3",
+    model_types=("gemma3_text",),
+    params=llama_like(**SANDWICH_NORMS, **QK_NORM),
+    tied=TIED_LM_HEAD,
+    tie_default=True,
+)
+
+# Phi-3. Source only (phi3.py): Phi3ForCausalLM is LlamaForCausalLM with packed_modules_mapping
+# qkv_proj -> [qkv_proj], gate_up_proj -> [gate_up_proj], so checkpoint tensors load unsplit. HF's Phi3
+# stores them fused in vLLM's order too (transformers modeling_phi3: q = rows [:heads*hd], then k, then v;
+# gate, up = gate_up.chunk(2)): the HF tensor is the vLLM tensor.
+PHI3 = ArchSpec(
+    name="phi3",
+    model_types=("phi3",),
+    params={
+        "model.embed_tokens.weight": Vocab(),
+        "model.layers.{}.self_attn.qkv_proj.weight": Same(),
+        "model.layers.{}.self_attn.o_proj.weight": Same(),
+        "model.layers.{}.mlp.gate_up_proj.weight": Same(),
+        "model.layers.{}.mlp.down_proj.weight": Same(),
+        "model.layers.{}.input_layernorm.weight": Same(),
+        "model.layers.{}.post_attention_layernorm.weight": Same(),
+        "model.norm.weight": Same(),
+        "lm_head.weight": Vocab(),
+    },
+    tied=TIED_LM_HEAD,
+)
 
 
-def register(spec: ArchSpec) -> None:
-    """Add an architecture (or replace the one serving the same model types)."""
-    ARCHITECTURES[:] = [a for a in ARCHITECTURES if not set(a.model_types) & set(spec.model_types)]
-    ARCHITECTURES.append(spec)
+def _gpt2_table() -> dict[str, Rule]:
+    h = "transformer.h.{}."
+    table: dict[str, Rule] = {"transformer.wte.weight": Vocab(), "transformer.wpe.weight": Same()}
+    for linear in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        table[f"{h}{linear}.weight"] = Transposed()
+        table[f"{h}{linear}.bias"] = Same()
+    for norm in (f"{h}ln_1", f"{h}ln_2", "transformer.ln_f"):
+        table[f"{norm}.weight"] = Same()
+        table[f"{norm}.bias"] = Same()
+    table["lm_head.weight"] = Vocab()
+    return table
 
 
-def supported_model_types() -> list[str]:
-    return sorted(mt for a in ARCHITECTURES for mt in a.model_types)
+# GPT-2. Observed on vLLM 0.25.1: transformer.wte [1024, 256] for vocab 1000 (padded), wpe [512, 256] plain,
+# h.N.attn.c_attn [768, 256], attn.c_proj [256, 256], mlp.c_fc [1024, 256], mlp.c_proj [256, 1024] (vLLM's
+# [out, in]), biases and ln_1/ln_2/ln_f as HF; no lm_head. Source gpt2.py: load_weights transposes HF's
+# Conv1D [in, out] weights; c_attn is one QKVParallelLinear, [q | k | v] like HF's split(n_embd, dim=2), so
+# it needs no row mapping; lm_head is a padded ParallelLMHead tied to wte when tie_word_embeddings. The
+# GPT2Model asserts below are variants vLLM cannot serve.
+GPT2 = ArchSpec(
+    name="gpt2",
+    model_types=("gpt2",),
+    params=_gpt2_table(),
+    sizes=no_rows,
+    tied={"lm_head.weight": "transformer.wte.weight"},
+    tie_default=True,
+    requires={
+        "add_cross_attention": (False, "vLLM 0.25.1's GPT2Model asserts no cross-attention (gpt2.py)"),
+        "scale_attn_by_inverse_layer_idx": (False, "vLLM 0.25.1's GPT2Model asserts it off (gpt2.py)"),
+        "reorder_and_upcast_attn": (False, "vLLM 0.25.1's GPT2Model asserts it off (gpt2.py)"),
+    },
+)
 
 
-def get_arch(config: Any) -> ArchSpec:
+def _opt_table() -> dict[str, Rule]:
+    d, layer = "model.decoder.", "model.decoder.layers.{}."
+    table: dict[str, Rule] = {
+        f"{d}embed_tokens.weight": Vocab(),
+        f"{d}embed_positions.weight": Same(),
+        f"{d}project_in.weight": Same(),
+        f"{d}project_out.weight": Same(),
+        f"{d}final_layer_norm.weight": Same(),
+        f"{d}final_layer_norm.bias": Same(),
+    }
+    for suffix in ("weight", "bias"):
+        for p in QKV:
+            table[f"{layer}self_attn.{p}_proj.{suffix}"] = Rows(
+                f"{layer}self_attn.qkv_proj.{suffix}", part=p, parts=QKV
+            )
+        for m in ("self_attn.out_proj", "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm"):
+            table[f"{layer}{m}.{suffix}"] = Same()
+    table["lm_head.weight"] = Vocab()
+    return table
+
+
+# OPT. Observed on vLLM 0.25.1: model.decoder.embed_tokens [1024, 256] (vocab 1000 padded),
+# embed_positions [514, 256] (max_position_embeddings + OPT's offset of 2, unpadded, like HF's),
+# layers.N.self_attn.qkv_proj weight [768, 256] / bias [768], out_proj, fc1 [512, 256], fc2 [256, 512],
+# self_attn_layer_norm, final_layer_norm; no lm_head (OPT ties by default). Source opt.py: q/k/v (and their
+# biases, present iff config.enable_bias) are stacked into qkv_proj in q, k, v order; project_in/project_out
+# exist iff word_embed_proj_dim != hidden_size, the decoder's final_layer_norm iff do_layer_norm_before and
+# not _remove_final_layer_norm, exactly as in HF, so those variants map by name alone; an untied lm_head is
+# a padded ParallelLMHead [vocab, word_embed_proj_dim].
+OPT = ArchSpec(
+    name="opt",
+    model_types=("opt",),
+    params=_opt_table(),
+    sizes=qkv_sizes,
+    tied={"lm_head.weight": "model.decoder.embed_tokens.weight"},
+    tie_default=True,
+)
+
+ARCHITECTURES: list[ArchSpec] = [LLAMA, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, OPT]
+
+# Model types people reach for that no table maps, and what to do instead.
+HINTS = {
+    "gemma3": "that is the multimodal Gemma3ForConditionalGeneration; attach its text model with "
+    "config.get_text_config() (model_type 'gemma3_text')",
+}
+
+LAYOUTS = ("hf", "vllm", "meta")
+
+
+def _tables(layout: str) -> list[ArchSpec]:
+    if layout == "vllm":
+        return ARCHITECTURES
+    if layout == "meta":
+        from ipcbridge.mapping.meta import META_ARCHITECTURES  # meta imports this module
+
+        return META_ARCHITECTURES
+    raise MappingError(f"no tables for layout {layout!r}: the layouts with tables are 'vllm' and 'meta'")
+
+
+def register(spec: ArchSpec, layout: str = "vllm") -> None:
+    """Add an architecture's table for ``layout`` (or replace the one serving the same model types)."""
+    tables = _tables(layout)
+    tables[:] = [a for a in tables if not set(a.model_types) & set(spec.model_types)]
+    tables.append(spec)
+
+
+def supported_model_types(layout: str = "vllm") -> list[str]:
+    return sorted(mt for a in _tables(layout) for mt in a.model_types)
+
+
+def get_arch(config: Any, layout: str = "vllm") -> ArchSpec:
+    """The table mapping ``config``'s architecture between HF and ``layout``, after checking the config
+    is a variant the table maps."""
     mt = model_type(config)
-    for a in ARCHITECTURES:
+    for a in _tables(layout):
         if mt in a.model_types:
+            a.check(config)
             return a
+    hint = f" ({HINTS[mt]})" if mt in HINTS else ""
     raise MappingError(
-        f"unknown architecture {mt!r}: ipcbridge maps {', '.join(supported_model_types())}. "
-        "Add a table with ipcbridge.mapping.register(ArchSpec(...)) or use a supported model"
+        f"unknown architecture {mt!r}{hint} for the {layout!r} layout: ipcbridge maps "
+        f"{', '.join(supported_model_types(layout))}. Add a table with "
+        f"ipcbridge.mapping.register(ArchSpec(...), layout={layout!r}) or use a supported model"
     )

@@ -1,8 +1,11 @@
-"""The vocabulary of the mapping tables: how one HF tensor relates to one vLLM tensor.
+"""The vocabulary of the mapping tables: how one HF tensor relates to one tensor of another layout.
 
-A table maps an HF name template (``{}`` stands for a layer index) to a rule naming the vLLM tensor it
-lives in and how. Every rule works both ways: the vLLM -> HF direction is a zero-copy view (an *alias*),
-the HF -> vLLM direction builds the engine's tensor (a *copy* wherever tensors are fused or padded).
+A table maps an HF name template (``{}`` stands for a layer index) to a rule naming the tensor it lives in
+on the other side (vLLM's layout for :mod:`~ipcbridge.mapping.archs`, Meta's for
+:mod:`~ipcbridge.mapping.meta`) and how. Every rule works both ways, and says for each direction whether
+it is a zero-copy view (an *alias*) or needs a *copy*: vLLM -> HF is always a view (row slice, vocab slice,
+transpose); HF -> vLLM copies wherever vLLM fuses, pads or transposes; the rotary permutation copies both
+ways.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ class Rule:
     vllm: str | None = None
     #: How the HF tensor is obtained from the vLLM one, for plans and error messages.
     op: ClassVar[str] = "same"
-    #: Whether building the vLLM tensor from HF tensors needs a copy (concatenation, padding).
+    #: Whether building the other layout's tensor from HF tensors needs a copy (concatenation, padding).
     copy_to_vllm: ClassVar[bool] = False
+    #: Whether the HF tensor needs a copy of the other layout's tensor (a view otherwise).
+    copy_to_hf: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,22 @@ class Transposed(Rule):
 
     op: ClassVar[str] = "transpose"
     copy_to_vllm: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Rotary(Rule):
+    """The HF tensor is the other layout's tensor with each head's rotary pairs regrouped.
+
+    Meta/torchtitan interleave rotary pairs within a head; HF and vLLM split the head in halves (see
+    :func:`ipcbridge.mapping.meta.permute_rotary`). ``heads`` says which head count the rows are grouped by:
+    ``"q"`` (num_attention_heads) for ``wq``, ``"kv"`` (num_key_value_heads) for ``wk``. A row permutation
+    is no strided view, so it is a copy both ways.
+    """
+
+    heads: str = "q"
+    op: ClassVar[str] = "rotary"
+    copy_to_vllm: ClassVar[bool] = True
+    copy_to_hf: ClassVar[bool] = True
 
 
 QKV = ("q", "k", "v")

@@ -1,0 +1,123 @@
+"""Tiny configs for every mapped architecture, shared by the mapping and checkpoint tests.
+
+Vocab 100 is not a multiple of 64, so vLLM's vocab padding (to 128) is exercised; 4 query heads over 2 kv
+heads exercise GQA where the architecture has it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+VOCAB = 100
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    make: Callable[[], Any]
+
+    def config(self) -> Any:
+        return self.make()
+
+
+def _llama(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.LlamaConfig(num_key_value_heads=2, **COMMON, **kw)
+
+
+def _qwen2(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.Qwen2Config(num_key_value_heads=2, **COMMON, **kw)
+
+
+def _qwen3(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.Qwen3Config(num_key_value_heads=2, head_dim=8, **COMMON, **kw)
+
+
+def _gemma(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.GemmaConfig(num_key_value_heads=2, head_dim=8, **COMMON, **kw)
+
+
+def _gemma2(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=4, **COMMON, **kw)
+
+
+def _gemma3(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, sliding_window=4, **COMMON, **kw)
+
+
+def _phi3(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.Phi3Config(num_key_value_heads=2, **COMMON, **kw)
+
+
+def _gpt2(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=1,
+                         eos_token_id=2, **kw)
+
+
+def _opt(**kw: Any) -> Any:
+    import transformers as tf
+
+    base = dict(COMMON, ffn_dim=64, word_embed_proj_dim=32)
+    del base["intermediate_size"]
+    base.update(kw)
+    return tf.OPTConfig(**base)
+
+
+CASES = [
+    Case("llama-untied", lambda: _llama(tie_word_embeddings=False)),
+    Case("llama-tied", lambda: _llama(tie_word_embeddings=True)),
+    Case("qwen2-bias", lambda: _qwen2(tie_word_embeddings=False)),
+    Case("qwen3-qknorm", lambda: _qwen3(tie_word_embeddings=True)),
+    Case("gemma-tied", lambda: _gemma()),
+    Case("gemma2-tied", lambda: _gemma2()),
+    Case("gemma3-tied", lambda: _gemma3()),
+    Case("gemma3-untied", lambda: _gemma3(tie_word_embeddings=False)),
+    Case("phi3-untied", lambda: _phi3(tie_word_embeddings=False)),
+    Case("phi3-tied", lambda: _phi3(tie_word_embeddings=True)),
+    Case("gpt2-tied", lambda: _gpt2()),
+    Case("gpt2-untied", lambda: _gpt2(tie_word_embeddings=False)),
+    Case("opt-tied", lambda: _opt()),
+    Case("opt-untied", lambda: _opt(tie_word_embeddings=False)),
+    # project_in/out (word_embed_proj_dim != hidden_size) and post-LN (no decoder final_layer_norm)
+    Case("opt-proj-postln", lambda: _opt(word_embed_proj_dim=16, do_layer_norm_before=False)),
+]
+CASE_IDS = [c.id for c in CASES]
+
+
+def reference_model(config: Any, seed: int = 0) -> torch.nn.Module:
+    """An fp32 HF model with every parameter perturbed: Gemma's zero-initialised norms and all-zero biases
+    would otherwise hide a mapping that swaps or drops them."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def token_ids(n: int = 9, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (2, n), generator=g)
