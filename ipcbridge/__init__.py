@@ -8,11 +8,12 @@ from ipcbridge.engine import GenerateOutput, LocalEngine
 from ipcbridge.errors import BridgeError, EngineError, IpcBridgeError, ManifestError, MappingError
 from ipcbridge.handles import export, open_manifest
 from ipcbridge.manifest import Manifest
+from ipcbridge.stream import StreamBridge, stream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Bridge", "BridgeError", "CheckReport", "EngineError", "GenerateOutput", "IpcBridgeError", "LocalEngine",
-    "Manifest", "ManifestError", "MappingError", "__version__", "attach", "connect", "export", "mapping",
-    "open_manifest", "save_pretrained",
+    "Manifest", "ManifestError", "MappingError", "StreamBridge", "__version__", "attach", "connect", "export",
+    "mapping", "open_manifest", "save_pretrained", "stream",
 ]

@@ -144,7 +144,12 @@ class LocalEngine:
         try:
             return protocol.call(self.socket_path, self._token, op, args, timeout=timeout or self.request_timeout)
         except EngineError as e:
-            code = self._proc.poll()
+            # A killed engine closes its socket a moment before it can be reaped: give it that moment, so the
+            # error says "exited" rather than a bare "connection closed".
+            try:
+                code = self._proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                code = None
             if code is not None:
                 raise EngineError(f"engine process exited (code {code}) during {op!r}:\n{self._log_tail(5)}") from None
             raise e
@@ -198,6 +203,24 @@ class LocalEngine:
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
 
+    # -- streamed weights (ipcbridge.stream; Note [streamed weights] in engine.server) -----------------
+
+    def stream_init(self, stream_id: str, *, host: str, port: int, backend: str, timeout: float,
+                    plan: Mapping[str, Any]) -> None:
+        """Join the trainer's stream group at ``host:port`` as rank 1 (replacing any previous stream).
+
+        Blocks until the trainer joins too. ``stream_id`` names the stream in the calls below.
+        """
+        self._call("stream_init", {"stream_id": stream_id, "host": host, "port": port, "backend": backend,
+                                   "timeout": timeout, "plan": dict(plan)}, timeout=timeout + self.request_timeout)
+
+    def stream_receive(self, stream_id: str, plan: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+        """Receive one stream of ``plan`` into the engine's weights (engine paused). Blocks until loaded."""
+        return dict(self._call("stream_receive", {"stream_id": stream_id, "plan": dict(plan)}, timeout=timeout))
+
+    def stream_close(self, stream_id: str) -> None:
+        self._call("stream_close", {"stream_id": stream_id})
+
     def ipcbridge_endpoint(self) -> LocalEndpoint:
         return LocalEndpoint(self)
 
@@ -221,6 +244,16 @@ class LocalEndpoint:
 
     def close(self) -> None:
         pass
+
+    def stream_init(self, stream_id: str, *, host: str, port: int, backend: str, timeout: float,
+                    plan: Mapping[str, Any]) -> None:
+        self.engine.stream_init(stream_id, host=host, port=port, backend=backend, timeout=timeout, plan=plan)
+
+    def stream_receive(self, stream_id: str, plan: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+        return self.engine.stream_receive(stream_id, plan, timeout=timeout)
+
+    def stream_close(self, stream_id: str) -> None:
+        self.engine.stream_close(stream_id)
 
     def sample(self, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
         out = self.engine.generate([prompt], max_tokens=max_tokens, temperature=0.0)[0]

@@ -10,11 +10,20 @@ Note [pause gate]
     wait at the gate. ``resume(version)`` first drops the prefix cache (its KV was computed with the old
     weights), then records the version and opens the gate. So every generation runs entirely on one weight
     version, the one it reports.
+
+Note [streamed weights]
+    Where the trainer cannot map these weights (another GPU or node), ``ipcbridge.stream`` broadcasts its
+    own weights into them (``ipcbridge.transports.nccl``). ``stream_init`` joins the trainer's private
+    process group as rank 1 and checks the trainer's plan against ``weights``; ``stream_receive`` (only
+    while paused) receives every bucket and copies it into ``weights`` in place, so the HF model's views
+    and every exported handle see the new values. Any failure closes the group, which makes the trainer's
+    pending broadcasts fail at once rather than at the timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -128,7 +137,12 @@ class Engine:
         self.gate = Gate()
         self.lock = threading.Lock()  # one forward pass at a time
         self.prefix_cache: OrderedDict[tuple[int, ...], tuple[Any, torch.Tensor]] = OrderedDict()
-        self.stats = {"requests": 0, "prefix_hits": 0, "prefix_drops": 0, "pauses": 0}
+        self.stats = {"requests": 0, "prefix_hits": 0, "prefix_drops": 0, "pauses": 0, "stream_receives": 0,
+                      "stream_bytes": 0}
+        self.stream_group: Any = None  # a transports.nccl.TorchGroup while a trainer streams weights
+        self.stream_backend = ""
+        self.stream_id = ""  # chosen by the trainer: requests of a replaced stream must not use the new one
+        self.stream_lock = threading.Lock()  # one stream operation at a time
 
     # -- generation ----------------------------------------------------------------------------------
 
@@ -203,6 +217,96 @@ class Engine:
     def manifest(self) -> dict[str, Any]:
         return self.export_manifest.replace(weight_version=self.version).to_dict()
 
+    # -- streamed weights (Note [streamed weights]) --------------------------------------------------
+
+    def _check_plan(self, plan: Any) -> None:
+        slots = {s.name: s for s in plan.slots}
+        missing = sorted(self.weights.keys() - slots.keys())
+        extra = sorted(slots.keys() - self.weights.keys())
+        if missing or extra:
+            raise ValueError(
+                f"the stream plan does not cover this engine's weights: missing {missing[:8]}, unknown "
+                f"{extra[:8]}; build it from this engine's manifest"
+            )
+        for name, t in self.weights.items():
+            s = slots[name]
+            if s.shape != tuple(t.shape) or s.torch_dtype != t.dtype:
+                raise ValueError(
+                    f"{name}: the stream plan has {s.dtype} {list(s.shape)}, this engine holds {t.dtype} "
+                    f"{list(t.shape)}; build the plan from this engine's manifest"
+                )
+
+    def stream_init(self, stream_id: str, host: str, port: int, backend: str, timeout: float,
+                    plan: dict[str, Any]) -> None:
+        from ipcbridge.transports import nccl
+
+        with self.stream_lock:
+            self._check_plan(nccl.StreamPlan.from_dict(plan))
+            nccl.check_backend(backend, self.device if backend == "nccl" else "cpu")
+            self._close_stream()  # a new trainer replaces the previous one
+            store = nccl.client_store(host, port, timeout)
+            # Tells the trainer its request passed the checks, so it may block joining the group.
+            store.set(nccl.READY_KEY, "1")
+            self.stream_group = nccl.TorchGroup.join(store, 1, 2, backend, timeout, host)
+            self.stream_backend, self.stream_id = backend, stream_id
+
+    def _load(self, views: dict[str, torch.Tensor]) -> None:
+        for name, view in views.items():
+            self.weights[name].copy_(view)
+
+    def stream_receive(self, stream_id: str, plan: dict[str, Any]) -> dict[str, Any]:
+        from ipcbridge.transports import nccl
+
+        with self.stream_lock:
+            group = self.stream_group
+            if group is None or stream_id != self.stream_id:
+                raise RuntimeError(
+                    "this weight stream is not open in the engine (closed after a failure, or replaced by a newer "
+                    "ipcbridge.stream()); open a new stream"
+                )
+            t0 = time.perf_counter()
+            error = None
+            try:
+                if not self.gate.paused:
+                    raise RuntimeError("weights can be streamed in only while the engine is paused; pause first")
+                p = nccl.StreamPlan.from_dict(plan)
+                self._check_plan(p)
+                device = self.device if self.stream_backend == "nccl" else torch.device("cpu")
+                with self.lock:
+                    nbytes = nccl.receive(group, p, self._load, device=device)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+            del group
+            if error is not None:
+                # Outside the except block, so no traceback keeps the failed group (and its connections) alive.
+                self._close_stream(abort=True)
+                raise RuntimeError(f"receiving streamed weights failed, stream closed: {error}")
+            self.stats["stream_receives"] += 1
+            self.stats["stream_bytes"] += nbytes
+            return {"bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+    def _close_stream(self, abort: bool = False) -> None:
+        group, self.stream_group = self.stream_group, None
+        if group is not None:
+            group.close(abort=abort)
+            logger.info("weight stream closed")
+
+    def stream_close(self, stream_id: str | None = None, wait: float = -1) -> None:
+        """Leave the trainer's group (only if it is ``stream_id``'s; any with ``None``).
+
+        ``wait``: seconds to wait for a running stream operation (-1: no limit).
+        """
+        if not self.stream_lock.acquire(timeout=wait):
+            logger.warning("a stream operation is still running; not closing its group")
+            return
+        try:
+            if stream_id is None or stream_id == self.stream_id:
+                self._close_stream()
+        finally:
+            self.stream_lock.release()
+
 
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
@@ -250,6 +354,15 @@ class _Handler(socketserver.BaseRequestHandler):
         if op == "resume":
             engine.resume(int(args["version"]))
             return None
+        if op == "stream_init":
+            engine.stream_init(str(args["stream_id"]), str(args["host"]), int(args["port"]), str(args["backend"]),
+                               float(args["timeout"]), args["plan"])
+            return None
+        if op == "stream_receive":
+            return engine.stream_receive(str(args["stream_id"]), args["plan"])
+        if op == "stream_close":
+            engine.stream_close(str(args["stream_id"]))
+            return None
         if op == "stats":
             return {**engine.stats, "version": engine.version, "prefix_cache": len(engine.prefix_cache)}
         if op == "shutdown":
@@ -258,10 +371,8 @@ class _Handler(socketserver.BaseRequestHandler):
         raise ValueError(f"unknown op {op!r}")
 
     def _reply(self, msg: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the client went away; nothing to tell
             self.request.sendall(protocol.encode(msg))
-        except OSError:
-            pass  # the client went away; nothing to tell
 
 
 def _exit_with_parent(server: _Server, parent: int, workdir: str) -> None:
@@ -299,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        engine.stream_close(wait=5.0)
         server.server_close()
         logger.info("stopped")
 

@@ -4,7 +4,9 @@ One module per transport, loaded lazily by module path so that importing ipcbrid
 or NCCL. A *sharing* transport (``cuda_ipc``, ``shm``) maps the producer's memory; each module has a
 ``reduce_storage(storage) -> Spec`` / ``rebuild_storage(spec) -> UntypedStorage`` pair in the style of
 ``torch.multiprocessing.reductions`` and a frozen ``Spec`` dataclass that crosses the process boundary as
-part of a :class:`~ipcbridge.manifest.Manifest`.
+part of a :class:`~ipcbridge.manifest.Manifest`. A *streaming* transport (``nccl``: NCCL on CUDA, gloo on
+CPU) copies trainer-owned weights into the engine's where memory cannot be shared; it never appears in a
+manifest, so it has a registry of its own (:data:`STREAMING`, :func:`get_streaming`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from typing import Any
 
 import torch
 
-from ipcbridge.errors import ManifestError
+from ipcbridge.errors import BridgeError, ManifestError
 
 #: kind -> module implementing it. Sharing transports appear in manifests.
 REGISTRY: dict[str, str] = {
     "cuda_ipc": "ipcbridge.transports.cuda_ipc",
     "shm": "ipcbridge.transports.shm",
+}
+
+#: kind -> module implementing a streaming transport (``ipcbridge.stream``). Never named by manifests.
+STREAMING: dict[str, str] = {
+    "nccl": "ipcbridge.transports.nccl",
 }
 
 
@@ -47,3 +54,12 @@ def storage_spec_from_dict(d: Any, where: str) -> Any:
     if not isinstance(d, dict) or not isinstance(d.get("kind"), str):
         raise ManifestError(f"{where}: expected an object with a string field 'kind'")
     return get(d["kind"]).Spec.from_dict(d, where)
+
+
+def get_streaming(kind: str) -> ModuleType:
+    """The streaming transport module for ``kind`` (``"nccl"``, which also runs gloo on CPU)."""
+    try:
+        path = STREAMING[kind]
+    except KeyError:
+        raise BridgeError(f"unknown streaming transport {kind!r}; known: {sorted(STREAMING)}") from None
+    return importlib.import_module(path)

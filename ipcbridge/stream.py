@@ -1,0 +1,422 @@
+"""stream(): the fallback where the engine's memory cannot be shared, so the trainer owns its own weights.
+
+``ipcbridge.connect`` aliases the engine's weights and needs no copy at all; use it whenever the trainer can
+map them. Where it cannot (the engine on another GPU or node, MIG, vLLM sleep-mode allocations), the
+trainer keeps its own HF model and ``ipcbridge.stream(engine, model)`` copies it into the engine's tensors
+after each step: packed into buckets in the engine's layout and broadcast, double-buffered, over a private
+process group (NCCL for CUDA weights, gloo for CPU ones; see :mod:`ipcbridge.transports.nccl`).
+
+Note [the streaming fence]
+    ``with sb.update(): optimizer.step()``:
+      1. the model is checked against the plan (names, shapes, dtypes, tied weights) before the engine
+         is touched, then the engine is paused (no generation in flight);
+      2. the block runs on the trainer's own weights. The engine's are untouched, so if the block raises,
+         the engine resumes at the same version and the exception propagates;
+      3. the trainer's device work is synchronised and the model checked again;
+      4. the engine receives, through an RPC that blocks until its last bucket is loaded and so runs in a
+         background thread, while this thread packs and broadcasts the buckets;
+      5. ``resume(version + 1)`` drops caches of the old weights and lets generation continue.
+    If step 4 fails, the engine's weights may be partly written. The engine still resumes, at version + 1
+    so that nothing computed from the old weights survives (and it must not stay paused), both sides close
+    the stream, and ``BridgeError`` says to open a new stream and ``push()``.
+
+Note [packing from HF tensors]
+    The plan is in the engine's (vLLM) layout. Building that layout with ``mapping.to_vllm`` would copy
+    every fused and padded tensor once per push, and packing would copy it again. Instead each bucket slice
+    of the send buffer is viewed under HF names with ``mapping.hf_views`` (the very views ``attach`` binds)
+    and the trainer's HF tensors are copied straight into them: q, k and v land in their rows of
+    ``qkv_proj``, a vocab tensor in the first ``vocab_size`` rows of its padded one. Rows no HF tensor
+    covers (vocab padding) are zeroed, as ``to_vllm`` pads. One copy per push, into the buffer that goes
+    on the wire, and no second mapping to keep in step with the tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ipcbridge import mapping
+from ipcbridge.bridge import Endpoint, resolve_endpoint, synchronize
+from ipcbridge.errors import BridgeError, MappingError
+from ipcbridge.manifest import Manifest
+from ipcbridge.transports import nccl
+
+logger = logging.getLogger(__name__)
+
+#: How long to wait for the engine's side of a failed transfer to report, after ours failed.
+_GRACE_SECONDS = 5.0
+_STREAM_OPS = ("stream_init", "stream_receive", "stream_close")
+
+
+class StreamEndpoint(Endpoint, Protocol):
+    """An :class:`~ipcbridge.bridge.Endpoint` whose engine can receive streamed weights."""
+
+    def stream_init(self, stream_id: str, *, host: str, port: int, backend: str, timeout: float,
+                    plan: Mapping[str, Any]) -> None:
+        """Join the trainer's group at ``host:port`` as rank 1, replacing any previous stream; block until
+        the trainer has joined too."""
+
+    def stream_receive(self, stream_id: str, plan: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+        """Receive one stream of ``plan`` into the engine's weights (engine paused); block until loaded.
+        Refuse a ``stream_id`` that is not the current stream's."""
+
+    def stream_close(self, stream_id: str) -> None:
+        """Leave the group, if it is still ``stream_id``'s."""
+
+
+class _Call:
+    """An engine RPC in a daemon thread, so this thread can do the trainer's half meanwhile."""
+
+    def __init__(self, fn: Callable[[], Any], what: str) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"ipcbridge-{what}", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as e:  # reported by the thread that joins
+            self.error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout: float | None) -> bool:
+        self._thread.join(timeout)
+        return self.done()
+
+
+def _failure(what: str, local: BaseException | None, remote: BaseException | None, fix: str) -> BridgeError:
+    parts = []
+    if remote is not None:
+        parts.append(f"engine: {remote}")
+    if local is not None:
+        parts.append(f"trainer: {type(local).__name__}: {local}")
+    return BridgeError(f"{what} failed ({'; '.join(parts) or 'no error reported'}). {fix}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        raise BridgeError(
+            f"the model's parameters are on {sorted(map(str, devices)) or 'no device'}; stream() needs a model "
+            "with parameters, all on one device: model.to(device)"
+        )
+    (device,) = devices
+    if device.type == "meta":
+        raise BridgeError("the model's parameters are on the meta device (no values to stream); load its weights first")
+    return device
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The trainer's HF parameters that the engine's plan takes, derived once from the plan."""
+
+    #: HF name -> (shape, dtype), tied names included.
+    params: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    #: (tied name, the name whose tensor it must be).
+    tied: tuple[tuple[str, str], ...]
+    #: Engine tensors not fully covered by HF tensors (vocab padding): zeroed before packing.
+    zero: frozenset[str]
+
+
+def _layout(plan: nccl.StreamPlan, config: Any) -> _Layout:
+    meta = {s.name: torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in plan.slots}
+    try:
+        views = mapping.hf_views(meta, config)
+        steps = mapping.plan_from_vllm(meta.keys(), config)
+    except MappingError as e:
+        raise BridgeError(
+            f"the trainer's model does not fit the engine's weights: {e} Fix: stream the model the engine serves "
+            "(same architecture and config)"
+        ) from None
+    covered = dict.fromkeys(meta, 0)
+    tied = []
+    for s in steps:
+        if s.op == "tied":
+            tied.append((s.hf, s.tied_to or ""))
+        else:
+            covered[s.vllm] += views[s.hf].numel()
+    return _Layout(
+        params={n: (tuple(v.shape), v.dtype) for n, v in views.items()},
+        tied=tuple(tied),
+        zero=frozenset(n for n, t in meta.items() if covered[n] < t.numel()),
+    )
+
+
+class StreamBridge:
+    """A trainer-owned HF model streaming its weights into an engine. Make one with :func:`stream`.
+
+    ``with sb.update(): opt.step()`` fences a step and copies the new weights into the engine (Note [the
+    streaming fence]); :meth:`push` copies the current weights without a step. ``bytes_sent`` and
+    ``push_seconds`` count the transfers; :meth:`stats` sums them up.
+    """
+
+    def __init__(self, endpoint: StreamEndpoint, model: nn.Module, manifest: Manifest, *, plan: nccl.StreamPlan,
+                 backend: str, timeout: float, host: str) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self.plan = plan
+        self.backend = backend
+        self.timeout = timeout
+        self.host = host
+        #: Names this stream in the engine, which serves one stream at a time: the newest.
+        self.stream_id = secrets.token_hex(8)
+        self.weight_version = manifest.weight_version
+        self.bytes_sent = 0
+        self.push_seconds: list[float] = []
+        self.connect_seconds = 0.0
+        self._config = model.config
+        self._layout = _layout(plan, model.config)
+        self._tied_names = frozenset(a for a, _ in self._layout.tied)
+        self._device = _model_device(model)
+        self._buffer_device = self._device if backend == "nccl" else torch.device("cpu")
+        self._group: nccl.TorchGroup | None = None
+        self._params: dict[str, torch.Tensor] = {}  # the model's tensors, during a push only
+        self._closed = False
+
+    # -- checks --------------------------------------------------------------------------------------
+
+    def _check_model(self) -> dict[str, torch.Tensor]:
+        """The model's tensors by HF name, or ``BridgeError`` if they no longer fit the engine's weights."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        expected = self._layout.params
+        missing = sorted(expected.keys() - params.keys())
+        extra = sorted(params.keys() - expected.keys())
+        if missing or extra:
+            raise BridgeError(
+                f"the trainer's model no longer matches the engine's weights: missing {missing[:8]}, not in the "
+                f"engine {extra[:8]}. Fix: stream the model the engine serves (same config), and do not add or "
+                "remove parameters after ipcbridge.stream()"
+            )
+        for name, (shape, dtype) in expected.items():
+            p = params[name]
+            if tuple(p.shape) != shape or p.dtype != dtype:
+                raise BridgeError(
+                    f"{name}: the trainer's model has {p.dtype} {list(p.shape)}, the engine's weights take "
+                    f"{dtype} {list(shape)}. Fix: keep the model's shapes and dtypes (no resize_token_embeddings; "
+                    f"after a cast, model.to({dtype})), or restart the engine with the new model and open a new "
+                    "stream"
+                )
+        for name, target in self._layout.tied:
+            if params[name] is not params[target]:
+                raise BridgeError(
+                    f"the engine ties {name} to {target}, but the trainer's model has two separate tensors, and "
+                    f"the engine would never see {name}'s updates. Fix: model.tie_weights() (or start the "
+                    "engine with tie_word_embeddings=False)"
+                )
+        if self.backend == "nccl":
+            on = {str(p.device) for p in params.values()} - {str(self._device)}
+            if on:
+                raise BridgeError(f"parameters moved to {sorted(on)}; the stream packs on {self._device}. Fix: "
+                                  f"model.to('{self._device}')")
+        return {n: p.detach() for n, p in params.items()}
+
+    def _require_open(self) -> nccl.TorchGroup:
+        if self._closed or self._group is None:
+            raise BridgeError("this weight stream is closed (close() or a failed push); open a new one with "
+                              "ipcbridge.stream(engine, model)")
+        return self._group
+
+    # -- connecting ----------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        try:
+            store = nccl.master_store(self.host, self.timeout)
+        except Exception as e:  # torch raises several types for bind and address errors
+            raise BridgeError(f"cannot serve the stream rendezvous on {self.host} ({e}); pass host= an address "
+                              "of this machine that the engine can reach") from e
+        call = _Call(lambda: self.endpoint.stream_init(self.stream_id, host=self.host, port=store.port,
+                                                       backend=self.backend, timeout=self.timeout,
+                                                       plan=self.plan.to_dict()),
+                     "stream_init")
+        fix = ("Fix: check the engine's log, that it can reach "
+               f"{self.host}, and for NCCL that the two ranks use distinct GPUs")
+        # The engine sets READY_KEY only once it accepted the request: until then a refusal can still arrive,
+        # and joining the group first would block until the timeout instead of reporting it.
+        deadline = time.monotonic() + self.timeout
+        while not store.check([nccl.READY_KEY]):
+            if call.done():
+                raise _failure("opening the weight stream", None, call.error, fix)
+            if time.monotonic() > deadline:
+                raise BridgeError(f"the engine did not join the weight stream within {self.timeout:.0f}s. {fix}")
+            time.sleep(0.005)
+        try:
+            group = nccl.TorchGroup.join(store, 0, 2, self.backend, self.timeout, self.host)
+        except Exception as e:
+            call.join(_GRACE_SECONDS)
+            raise _failure("opening the weight stream", e, call.error, fix) from e
+        call.join(None)  # bounded by the RPC's own timeout
+        if call.error is not None:
+            group.close(abort=True)
+            raise _failure("opening the weight stream", None, call.error, fix)
+        self._group = group
+
+    # -- pushing -------------------------------------------------------------------------------------
+
+    def _pack(self, bucket: nccl.Bucket, out: torch.Tensor) -> None:
+        """Fill ``out`` with ``bucket``'s engine tensors, straight from HF tensors (Note [packing from HF tensors])."""
+        views = nccl.unpack(out, bucket)
+        for name in bucket.names:
+            if name in self._layout.zero:
+                views[name].zero_()
+        for name, view in mapping.hf_views(views, self._config).items():
+            if name not in self._tied_names:  # a tied view is the very tensor of the one it is tied to
+                view.copy_(self._params[name])
+
+    def _transfer(self, params: dict[str, torch.Tensor]) -> None:
+        group = self._require_open()
+        t0 = time.perf_counter()
+        rpc_timeout = self.timeout * (len(self.plan.buckets) + 2)
+        call = _Call(lambda: self.endpoint.stream_receive(self.stream_id, self.plan.to_dict(),
+                                                          timeout=rpc_timeout),
+                     "stream_receive")
+        fix = ("The engine's weights may be partly updated and this stream is closed. Fix: check the engine (its "
+               "log), then open a new stream with ipcbridge.stream(engine, model) and push()")
+        self._params = params
+        try:
+            nbytes = nccl.send(group, self._pack, self.plan, device=self._buffer_device)
+        except BaseException as e:
+            self._close_group(abort=True)  # the engine's pending receives fail now, not at the timeout
+            call.join(_GRACE_SECONDS)
+            if not isinstance(e, Exception):
+                raise
+            raise _failure("streaming weights to the engine", e, call.error, fix) from e
+        finally:
+            self._params = {}
+        call.join(None)  # bounded by the RPC's own timeout
+        if call.error is not None:
+            self._close_group(abort=True)
+            raise _failure("streaming weights to the engine", None, call.error, fix)
+        self.bytes_sent += nbytes
+        self.push_seconds.append(time.perf_counter() - t0)
+
+    def _resume_quietly(self, version: int) -> None:
+        try:
+            self.endpoint.resume(version)
+        except Exception as e:  # the error being raised already says what went wrong
+            logger.warning("could not resume the engine: %s", e)
+
+    @contextmanager
+    def update(self) -> Iterator[StreamBridge]:
+        """Fence a step on the trainer's model and stream the result into the engine.
+
+        See Note [the streaming fence]. Raises ``BridgeError`` if the model no longer fits the engine's
+        weights or the transfer fails.
+        """
+        self._require_open()
+        self._check_model()  # a mismatch leaves the engine alone
+        self.endpoint.pause()
+        try:
+            yield self
+            synchronize(self.model)
+            params = self._check_model()
+        except BaseException:
+            self._resume_quietly(self.weight_version)  # the engine's weights are untouched
+            raise
+        try:
+            self._transfer(params)
+        except BaseException:
+            self.weight_version += 1
+            self._resume_quietly(self.weight_version)
+            raise
+        self.weight_version += 1
+        self.endpoint.resume(self.weight_version)
+
+    def push(self) -> None:
+        """Stream the model's current weights into the engine (no step): ``with self.update(): pass``."""
+        with self.update():
+            pass
+
+    # -- the rest ------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "buckets": len(self.plan.buckets),
+            "bucket_bytes": self.plan.bucket_bytes,
+            "buffer_bytes": self.plan.buffer_bytes,
+            "wire_bytes_per_push": self.plan.wire_bytes,
+            "pushes": len(self.push_seconds),
+            "bytes_sent": self.bytes_sent,
+            "push_seconds_total": sum(self.push_seconds),
+            "push_seconds_median": statistics.median(self.push_seconds) if self.push_seconds else None,
+            "connect_seconds": self.connect_seconds,
+            "weight_version": self.weight_version,
+        }
+
+    def _close_group(self, abort: bool = False) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            group.close(abort=abort)
+
+    def close(self) -> None:
+        """Close the stream on both sides. The engine keeps running with the weights it has."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._group is not None:
+            try:
+                self.endpoint.stream_close(self.stream_id)
+            except BridgeError as e:  # a dead engine has nothing left to close
+                logger.info("the engine did not close its side of the stream: %s", e)
+        self._close_group()
+        self.endpoint.close()
+
+    def __enter__(self) -> StreamBridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def stream(target: Any, model: nn.Module, *, bucket_bytes: int = nccl.DEFAULT_BUCKET_BYTES,
+           backend: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1") -> StreamBridge:
+    """Stream a trainer-owned HF ``model`` into ``target``'s weights, where they cannot be shared.
+
+    ``target``: an engine that can receive streamed weights (a :class:`~ipcbridge.LocalEngine`). ``model``
+    stays the trainer's own; it must match the engine's model (names, shapes, dtypes). ``backend``:
+    ``"nccl"`` (default for CUDA models; the engine must be on another GPU) or ``"gloo"`` (default on CPU;
+    works for any devices, through host memory). ``bucket_bytes``: target size of one broadcast; the two
+    buffers on each side are that large, or as large as the largest tensor if it is larger. ``timeout``
+    bounds joining and every broadcast; ``host`` is where this process serves the rendezvous. Nothing is
+    sent until :meth:`StreamBridge.update` or :meth:`StreamBridge.push`.
+    """
+    endpoint = resolve_endpoint(target)
+    try:
+        missing = [op for op in _STREAM_OPS if not callable(getattr(endpoint, op, None))]
+        if missing:
+            raise BridgeError(
+                f"endpoint {getattr(endpoint, 'name', type(endpoint).__name__)!r} cannot receive streamed weights "
+                f"(no {', '.join(missing)}); stream() works with ipcbridge.LocalEngine. Where the memory can be "
+                "shared, use ipcbridge.connect()"
+            )
+        device = _model_device(model)
+        backend = nccl.check_backend(backend or ("nccl" if device.type == "cuda" else "gloo"), device)
+        t0 = time.perf_counter()
+        manifest = endpoint.manifest()
+        if manifest.layout != "vllm":
+            raise BridgeError(f"the engine exports the {manifest.layout!r} layout; stream() fills 'vllm'-layout "
+                              "engines. Export the engine's weights in the 'vllm' layout")
+        plan = nccl.plan_buckets([(t.name, t.dtype, t.shape) for t in manifest.tensors], bucket_bytes)
+        sb = StreamBridge(endpoint, model, manifest, plan=plan, backend=backend, timeout=timeout, host=host)
+        sb._check_model()  # a mismatch surfaces here, before the engine joins anything
+        sb._connect()
+    except BaseException:
+        endpoint.close()
+        raise
+    sb.connect_seconds = time.perf_counter() - t0
+    logger.info("streaming %d tensors in %d bucket(s) of <= %d bytes over %s (connected in %.3fs)",
+                len(plan.slots), len(plan.buckets), plan.buffer_bytes, backend, sb.connect_seconds)
+    return sb
