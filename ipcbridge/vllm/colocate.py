@@ -1,0 +1,199 @@
+"""``VllmEngine``: a real ``vllm.LLM`` next to the trainer, with the embedded engine's interface.
+
+The demo and the examples treat both engines alike::
+
+    with VllmEngine(LlamaConfig(...)) as engine:        # dummy weights when there is no checkpoint
+        bridge = ipcbridge.connect(engine)               # via engine.ipcbridge_endpoint()
+        outs = engine.generate([[1, 2, 3]], max_tokens=16, temperature=1.0)
+        ...
+        with bridge.update():
+            optimizer.step()
+
+Ownership: the EngineCore child process owns the weights. Close the bridge (``bridge.close()``) before the
+engine exits; ``VllmEngine.__exit__`` releases this process's CUDA IPC mappings before shutting vLLM down.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from ipcbridge.engine.types import GenerateOutput
+from ipcbridge.errors import BridgeError
+from ipcbridge.vllm.extension import EXTENSION_QUALNAME
+
+logger = logging.getLogger(__name__)
+
+
+def write_model_dir(config: Any, path: str) -> str:
+    """Write ``config`` (a transformers config, or its dict) as ``path/config.json``; return ``path``."""
+    if hasattr(config, "save_pretrained"):
+        if not getattr(config, "architectures", None):
+            config.architectures = [_architecture(config.model_type)]
+        config.save_pretrained(path)
+        return path
+    if isinstance(config, dict):
+        d = dict(config)
+        if "model_type" not in d:
+            raise BridgeError("the config dict has no 'model_type'; pass a transformers config or its to_dict()")
+        d.setdefault("architectures", [_architecture(d["model_type"])])
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(d, f)
+        return path
+    raise TypeError(f"config must be a transformers config, a dict, or a path, got {type(config).__name__}")
+
+
+def _config_value(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def _head_dim(config: Any) -> int | None:
+    hd = _config_value(config, "head_dim")
+    hidden, heads = _config_value(config, "hidden_size"), _config_value(config, "num_attention_heads")
+    if isinstance(hd, int):
+        return hd
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+
+
+def _architecture(model_type: str) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(model_type))].__name__
+    except (KeyError, ValueError):
+        raise BridgeError(f"transformers has no causal LM for model_type {model_type!r}") from None
+
+
+class VllmEngine:
+    """A ``vllm.LLM`` started with ipcbridge's worker extension; a context manager.
+
+    ``config_or_path``: a model directory/hub id (real weights), or a transformers config / config dict
+    (written to a temporary directory; vLLM then initialises dummy weights). Every ``**llm_kwargs`` goes to
+    ``vllm.LLM`` and overrides the defaults here (eager mode, no tokenizer, token ids in and out, Triton
+    attention, a small memory share so the trainer fits on the same GPU).
+
+    ``init`` (bare configs only): ``"hf"`` overwrites vLLM's dummy weights (uniform in [-1e-3, 1e-3], norms
+    included, so every logit is ~0) with an HF-style init from ``seed`` (norms 1, biases 0, the rest
+    N(0, ``initializer_range``)), like the embedded engine's random weights; ``"dummy"`` keeps vLLM's.
+
+    ``num_gpu_blocks`` caps vLLM's KV cache (blocks of 16 tokens; 4096 = 65k tokens). A small model would
+    otherwise get millions of blocks out of ``gpu_memory_utilization``, and vLLM's ``reset_prefix_cache``,
+    part of every fence, walks them all in Python (measured on an H100: ~0.1 s for a tiny model at
+    ``gpu_memory_utilization=0.3``, 0.9 ms for an 8B one). ``None`` lets vLLM size the cache itself.
+    """
+
+    def __init__(self, config_or_path: Any, *, gpu_memory_utilization: float = 0.3, seed: int = 0,
+                 max_model_len: int = 512, num_gpu_blocks: int | None = 4096, init: str = "hf",
+                 **llm_kwargs: Any) -> None:
+        if init not in ("hf", "dummy"):
+            raise ValueError(f"init must be 'hf' or 'dummy', got {init!r}")
+        self.config_or_path = config_or_path
+        self.init = init
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.num_gpu_blocks = num_gpu_blocks
+        self.seed = seed
+        self.max_model_len = max_model_len
+        self.llm_kwargs = llm_kwargs
+        self.llm: Any = None
+        #: Where the weights live (as the embedded engine's ``device``): vLLM's one GPU.
+        self.device = "cuda"
+        self._tmpdir: str | None = None
+        self._endpoint: Any = None
+
+    @property
+    def weight_version(self) -> int:
+        """The weight version last published to the engine by a fence (0 before any update)."""
+        return 0 if self._endpoint is None else self._endpoint.weight_version
+
+    def start(self) -> VllmEngine:
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {
+            "worker_extension_cls": EXTENSION_QUALNAME,
+            "enforce_eager": True,
+            "skip_tokenizer_init": True,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_model_len": self.max_model_len,
+            "seed": self.seed,
+            "attention_backend": "TRITON_ATTN",
+        }
+        if self.num_gpu_blocks is not None:
+            kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks
+        if isinstance(self.config_or_path, str):
+            model = self.config_or_path
+        else:
+            # vLLM refuses a max_model_len beyond the config's positions; tiny demo configs have few.
+            limit = _config_value(self.config_or_path, "max_position_embeddings")
+            if isinstance(limit, int) and limit < kwargs["max_model_len"]:
+                kwargs["max_model_len"] = limit
+            # vLLM's Triton attention needs head_dim >= 32; FlexAttention takes any (slower, fine for toys).
+            if (_head_dim(self.config_or_path) or 64) < 32:
+                kwargs["attention_backend"] = "FLEX_ATTENTION"
+            self._tmpdir = tempfile.mkdtemp(prefix="ipcbridge-vllm-")
+            model = write_model_dir(self.config_or_path, self._tmpdir)
+            kwargs["load_format"] = "dummy"
+        kwargs.update(self.llm_kwargs)
+        if kwargs.get("worker_extension_cls") != EXTENSION_QUALNAME:
+            raise BridgeError(f"VllmEngine needs worker_extension_cls={EXTENSION_QUALNAME!r}")
+        logger.info("starting vllm.LLM(%s) with %s", model, kwargs)
+        self.llm = LLM(model=model, **kwargs)
+        if self._tmpdir is not None and self.init == "hf":
+            std = _config_value(self.config_or_path, "initializer_range") or 0.02
+            self.ipcbridge_endpoint().rpc("ipcbridge_init_weights", self.seed, float(std))
+        return self
+
+    def ipcbridge_endpoint(self) -> Any:
+        """The endpoint ``ipcbridge.connect(engine)`` uses: the LLM's (one per engine, so versions agree)."""
+        if self.llm is None:
+            raise BridgeError("VllmEngine is not started; use it as a context manager or call start()")
+        if self._endpoint is None:
+            from ipcbridge.vllm.endpoints import LLMEndpoint
+
+            self._endpoint = LLMEndpoint(self.llm)
+        return self._endpoint
+
+    def generate(self, prompts: list[list[int]], max_tokens: int = 16, temperature: float = 0.0,
+                 seed: int | None = None) -> list[GenerateOutput]:
+        """Sample from token ids: tokens, vLLM's logprob of each sampled token, and the weight version.
+
+        ``seed`` makes the call reproducible; without it vLLM's own generator (seeded once by ``seed=`` at
+        start) is used. See :meth:`LLMEndpoint.generate` for the per-prompt seeds.
+        """
+        ep = self.ipcbridge_endpoint()
+        results = ep.generate(prompts, max_tokens, temperature, seed)
+        return [GenerateOutput(token_ids=t, logprobs=lp, weight_version=ep.weight_version) for t, lp in results]
+
+    def close(self) -> None:
+        """Release this process's IPC mappings, then shut the engine down. Safe to call twice."""
+        import torch
+
+        if self.llm is not None:
+            gc.collect()  # drop views of the engine's memory held by garbage (closed bridges, old models)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.ipc_collect()
+            llm, self.llm, self._endpoint = self.llm, None, None
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception as e:  # shutting down must not hide the exception that got us here
+                logger.warning("vLLM shutdown raised %s", e)
+            del llm
+            gc.collect()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> VllmEngine:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # a half-started engine: no leaked EngineCore process or temporary directory
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
