@@ -263,6 +263,17 @@ def sequence_logprobs(model: nn.Module, prompt: list[int], completion: list[int]
     return lp.gather(1, torch.tensor(completion, device=device)[:, None])[:, 0].tolist()
 
 
+@torch.no_grad()
+def greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    """``max_tokens`` greedy tokens after ``prompt`` under ``model`` (full recompute per token, no cache):
+    what an engine serving the same weights should generate."""
+    device = next(model.parameters()).device
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].float().argmax()))
+    return ids[len(prompt):]
+
+
 def connect(target: Any, *, config: Any = None, check: bool = False) -> Bridge:
     """Attach to ``target``'s weights and return a :class:`Bridge`.
 

@@ -12,7 +12,7 @@ from conftest import tiny_config
 
 import ipcbridge
 from ipcbridge import BridgeError, EngineError
-from ipcbridge.bridge import sequence_logprobs
+from ipcbridge.bridge import greedy, sequence_logprobs
 from ipcbridge.transports import nccl
 
 PROMPT = [3, 14, 15, 92]
@@ -26,13 +26,6 @@ def trainer_model(config, seed: int = SEED):
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
-
-@torch.no_grad()
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def assert_engine_serves(engine, model, version: int) -> None:

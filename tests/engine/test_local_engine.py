@@ -15,6 +15,7 @@ from conftest import reference_model, tiny_config
 
 import ipcbridge
 from ipcbridge import EngineError
+from ipcbridge.bridge import greedy
 from ipcbridge.engine import protocol
 
 PROMPT = [3, 14, 15, 92]
@@ -32,13 +33,6 @@ def bridge(engine):
     yield b
     b.close()
 
-
-@torch.no_grad()
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_two_processes_share_the_weights(engine, bridge) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import torch
 
+from ipcbridge.bridge import greedy
+
 ARCHS = ("llama", "qwen2", "qwen3")
 
 
@@ -69,15 +71,7 @@ def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> No
             p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * std)
 
 
-@torch.no_grad()
-def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    """Greedy continuation under the HF model (full recompute per token: simple and cache-free)."""
-    device = next(model.parameters()).device
-    ids = list(prompt)
-    for _ in range(n):
-        logits = model(torch.tensor([ids], device=device)).logits[0, -1].float()
-        ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
+hf_greedy = greedy  # the HF model's greedy continuation (full recompute per token, cache-free)
 
 
 @torch.no_grad()
