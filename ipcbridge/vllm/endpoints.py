@@ -85,7 +85,25 @@ def completion_logprobs(completion: Any) -> tuple[list[int], list[float]]:
     return tokens, [float(lps[i][t].logprob) for i, t in enumerate(tokens)]
 
 
-class LLMEndpoint:
+class _WorkerCalls:
+    """What both in-process endpoints ask the worker's :class:`WorkerExtension`, through their ``rpc``."""
+
+    weight_version: int
+
+    def rpc(self, method: str, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def manifest(self) -> Manifest:
+        m = Manifest.from_dict(self.rpc("ipcbridge_manifest"))
+        self.weight_version = m.weight_version
+        return m
+
+    def engine_weight_version(self) -> int:
+        """The weight version the worker holds (asks the worker)."""
+        return int(self.rpc("ipcbridge_weight_version"))
+
+
+class LLMEndpoint(_WorkerCalls):
     """The control channel of an offline ``vllm.LLM``. See Note [the LLM fence]."""
 
     name = "vllm-llm"
@@ -107,21 +125,12 @@ class LLMEndpoint:
             ) from e
         return _single(results, method).unwrap()
 
-    def manifest(self) -> Manifest:
-        m = Manifest.from_dict(self.rpc("ipcbridge_manifest"))
-        self.weight_version = m.weight_version
-        return m
-
     def pause(self) -> None:
         pass  # Note [the LLM fence]: LLM.generate is blocking, nothing is in flight.
 
     def resume(self, weight_version: int) -> None:
         self.llm.reset_prefix_cache()
         self.weight_version = self.rpc("ipcbridge_set_weight_version", int(weight_version))
-
-    def engine_weight_version(self) -> int:
-        """The weight version the worker holds (asks the worker)."""
-        return int(self.rpc("ipcbridge_weight_version"))
 
     def info(self) -> dict[str, Any]:
         return self.rpc("ipcbridge_info")
@@ -145,7 +154,7 @@ class LLMEndpoint:
         pass
 
 
-class AsyncLLMEndpoint:
+class AsyncLLMEndpoint(_WorkerCalls):
     """The control channel of an in-process ``AsyncLLM``. See Note [AsyncLLM from synchronous code].
 
     The fence: ``pause_generation(mode="wait")`` lets in-flight requests finish on the old weights and holds
@@ -208,11 +217,6 @@ class AsyncLLMEndpoint:
             raise BridgeError(f"collective_rpc({method!r}) failed in the AsyncLLM engine: {e}") from e
         return _single(results, method).unwrap()
 
-    def manifest(self) -> Manifest:
-        m = Manifest.from_dict(self.rpc("ipcbridge_manifest"))
-        self.weight_version = m.weight_version
-        return m
-
     def pause(self) -> None:
         self._run(self.engine.pause_generation(mode="wait"))
 
@@ -223,9 +227,6 @@ class AsyncLLMEndpoint:
         finally:
             # Never leave the engine paused, even if the bookkeeping failed.
             self._run(self.engine.resume_generation())
-
-    def engine_weight_version(self) -> int:
-        return int(self.rpc("ipcbridge_weight_version"))
 
     async def _generate(self, prompt: list[int], params: Any) -> tuple[list[int], list[float]]:
         final = None
