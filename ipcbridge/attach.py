@@ -35,7 +35,6 @@ class Attachment:
     ranges: list[tuple[int, int]]
     source_tensors: dict[str, torch.Tensor] = field(repr=False)
     opened: OpenedManifest | None = field(default=None, repr=False)
-    manifest: Manifest | None = field(default=None, repr=False)
 
     def owns(self, t: torch.Tensor) -> bool:
         if t.numel() == 0:
@@ -170,7 +169,6 @@ def attach(source: Manifest | Mapping[str, torch.Tensor], config: Any = None) ->
                     module._buffers[name] = buf.to(device)
         attachment = Attachment(
             layout=layout, ranges=ranges, source_tensors=tensors, opened=opened,
-            manifest=source if isinstance(source, Manifest) else None,
         )
         verify(model, attachment, views)
     except BaseException:

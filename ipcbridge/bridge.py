@@ -40,7 +40,11 @@ logger = logging.getLogger(__name__)
 
 @runtime_checkable
 class Endpoint(Protocol):
-    """The control channel of one engine, as ``connect`` needs it."""
+    """The control channel of one engine, as ``connect`` needs it.
+
+    An endpoint may also have ``sample(prompt, max_tokens) -> (tokens, logprobs)``: greedy tokens and the
+    engine's logprob of each. :meth:`Bridge.check` uses it for the parity test when it is there.
+    """
 
     #: Short description for logs and summaries, e.g. ``"local-engine"`` or ``"vllm-llm"``.
     name: str
@@ -56,11 +60,6 @@ class Endpoint(Protocol):
 
     def close(self) -> None:
         """Release the endpoint's own resources (not the engine)."""
-
-
-class SampleEndpoint(Protocol):
-    def sample(self, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
-        """Generate greedily from ``prompt``; return the new tokens and the engine's logprob of each."""
 
 
 #: Endpoint factories by target kind, as "module:attribute" strings (imported on first use).
@@ -135,18 +134,15 @@ class CheckReport:
         return self.engine_tensors_used == self.engine_tensors and not self.parameters_outside_engine
 
 
-def unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return list(model.named_parameters())  # remove_duplicate=True: a tied weight counts once
-
-
 def trainer_weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters that do *not* lie in the engine's memory (0 when fully aliased)."""
     att = model.ipcbridge_attachment
-    return sum(p.numel() * p.element_size() for _, p in unique_parameters(model) if not att.owns(p))
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not att.owns(p))
 
 
 def model_weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for _, p in unique_parameters(model))
+    """Bytes of the model's distinct parameters (a tied weight counts once, as ``parameters()`` yields it)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def synchronize(model: nn.Module) -> None:

@@ -63,12 +63,12 @@ class StreamEndpoint(Endpoint, Protocol):
 
     def stream_init(self, stream_id: str, *, host: str, port: int, backend: str, timeout: float,
                     plan: Mapping[str, Any]) -> None:
-        """Join the trainer's group at ``host:port`` as rank 1, replacing any previous stream; block until
-        the trainer has joined too."""
+        """Check ``plan`` against the engine's weights and keep it; join the trainer's group at ``host:port``
+        as rank 1, replacing any previous stream; block until the trainer has joined too."""
 
-    def stream_receive(self, stream_id: str, plan: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
-        """Receive one stream of ``plan`` into the engine's weights (engine paused); block until loaded.
-        Refuse a ``stream_id`` that is not the current stream's."""
+    def stream_receive(self, stream_id: str, *, timeout: float) -> dict[str, Any]:
+        """Receive one push of the plan given to ``stream_init`` into the engine's weights (engine paused);
+        block until loaded. Refuse a ``stream_id`` that is not the current stream's."""
 
     def stream_close(self, stream_id: str) -> None:
         """Leave the group, if it is still ``stream_id``'s."""
@@ -279,9 +279,7 @@ class StreamBridge:
         group = self._require_open()
         t0 = time.perf_counter()
         rpc_timeout = self.timeout * (len(self.plan.buckets) + 2)
-        call = _Call(lambda: self.endpoint.stream_receive(self.stream_id, self.plan.to_dict(),
-                                                          timeout=rpc_timeout),
-                     "stream_receive")
+        call = _Call(lambda: self.endpoint.stream_receive(self.stream_id, timeout=rpc_timeout), "stream_receive")
         fix = ("The engine's weights may be partly updated and this stream is closed. Fix: check the engine (its "
                "log), then open a new stream with ipcbridge.stream(engine, model) and push()")
         self._params = params

@@ -209,14 +209,15 @@ class LocalEngine:
                     plan: Mapping[str, Any]) -> None:
         """Join the trainer's stream group at ``host:port`` as rank 1 (replacing any previous stream).
 
-        Blocks until the trainer joins too. ``stream_id`` names the stream in the calls below.
+        Blocks until the trainer joins too. ``stream_id`` names the stream in the calls below; the engine
+        checks ``plan`` against its weights here, once, and receives every later push by it.
         """
         self._call("stream_init", {"stream_id": stream_id, "host": host, "port": port, "backend": backend,
                                    "timeout": timeout, "plan": dict(plan)}, timeout=timeout + self.request_timeout)
 
-    def stream_receive(self, stream_id: str, plan: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
-        """Receive one stream of ``plan`` into the engine's weights (engine paused). Blocks until loaded."""
-        return dict(self._call("stream_receive", {"stream_id": stream_id, "plan": dict(plan)}, timeout=timeout))
+    def stream_receive(self, stream_id: str, *, timeout: float) -> dict[str, Any]:
+        """Receive one push of the stream's plan into the engine's weights (engine paused). Blocks until loaded."""
+        return dict(self._call("stream_receive", {"stream_id": stream_id}, timeout=timeout))
 
     def stream_close(self, stream_id: str) -> None:
         self._call("stream_close", {"stream_id": stream_id})
@@ -249,8 +250,8 @@ class LocalEndpoint:
                     plan: Mapping[str, Any]) -> None:
         self.engine.stream_init(stream_id, host=host, port=port, backend=backend, timeout=timeout, plan=plan)
 
-    def stream_receive(self, stream_id: str, plan: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
-        return self.engine.stream_receive(stream_id, plan, timeout=timeout)
+    def stream_receive(self, stream_id: str, *, timeout: float) -> dict[str, Any]:
+        return self.engine.stream_receive(stream_id, timeout=timeout)
 
     def stream_close(self, stream_id: str) -> None:
         self.engine.stream_close(stream_id)

@@ -14,8 +14,8 @@ Note [pause gate]
 Note [streamed weights]
     Where the trainer cannot map these weights (another GPU or node), ``ipcbridge.stream`` broadcasts its
     own weights into them (``ipcbridge.transports.nccl``). ``stream_init`` joins the trainer's private
-    process group as rank 1 and checks the trainer's plan against ``weights``; ``stream_receive`` (only
-    while paused) receives every bucket and copies it into ``weights`` in place, so the HF model's views
+    process group as rank 1, checks the trainer's plan against ``weights`` once and keeps it;
+    ``stream_receive`` (only while paused) receives every bucket and copies it into ``weights`` in place, so the HF model's views
     and every exported handle see the new values. Any failure closes the group, which makes the trainer's
     pending broadcasts fail at once rather than at the timeout.
 """
@@ -142,6 +142,7 @@ class Engine:
         self.stream_group: Any = None  # a transports.nccl.TorchGroup while a trainer streams weights
         self.stream_backend = ""
         self.stream_id = ""  # chosen by the trainer: requests of a replaced stream must not use the new one
+        self.stream_plan: Any = None  # the transports.nccl.StreamPlan checked at stream_init
         self.stream_lock = threading.Lock()  # one stream operation at a time
 
     # -- generation ----------------------------------------------------------------------------------
@@ -241,20 +242,21 @@ class Engine:
         from ipcbridge.transports import nccl
 
         with self.stream_lock:
-            self._check_plan(nccl.StreamPlan.from_dict(plan))
+            checked = nccl.StreamPlan.from_dict(plan)
+            self._check_plan(checked)
             nccl.check_backend(backend, self.device if backend == "nccl" else "cpu")
             self._close_stream()  # a new trainer replaces the previous one
             store = nccl.client_store(host, port, timeout)
             # Tells the trainer its request passed the checks, so it may block joining the group.
             store.set(nccl.READY_KEY, "1")
             self.stream_group = nccl.TorchGroup.join(store, 1, 2, backend, timeout, host)
-            self.stream_backend, self.stream_id = backend, stream_id
+            self.stream_backend, self.stream_id, self.stream_plan = backend, stream_id, checked
 
     def _load(self, views: dict[str, torch.Tensor]) -> None:
         for name, view in views.items():
             self.weights[name].copy_(view)
 
-    def stream_receive(self, stream_id: str, plan: dict[str, Any]) -> dict[str, Any]:
+    def stream_receive(self, stream_id: str) -> dict[str, Any]:
         from ipcbridge.transports import nccl
 
         with self.stream_lock:
@@ -269,11 +271,9 @@ class Engine:
             try:
                 if not self.gate.paused:
                     raise RuntimeError("weights can be streamed in only while the engine is paused; pause first")
-                p = nccl.StreamPlan.from_dict(plan)
-                self._check_plan(p)
                 device = self.device if self.stream_backend == "nccl" else torch.device("cpu")
                 with self.lock:
-                    nbytes = nccl.receive(group, p, self._load, device=device)
+                    nbytes = nccl.receive(group, self.stream_plan, self._load, device=device)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
             except Exception as e:
@@ -359,7 +359,7 @@ class _Handler(socketserver.BaseRequestHandler):
                                float(args["timeout"]), args["plan"])
             return None
         if op == "stream_receive":
-            return engine.stream_receive(str(args["stream_id"]), args["plan"])
+            return engine.stream_receive(str(args["stream_id"]))
         if op == "stream_close":
             engine.stream_close(str(args["stream_id"]))
             return None

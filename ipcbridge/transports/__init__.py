@@ -31,12 +31,17 @@ STREAMING: dict[str, str] = {
 }
 
 
-def get(kind: str) -> ModuleType:
+def _load(registry: dict[str, str], kind: str, error: type[Exception], what: str) -> ModuleType:
     try:
-        path = REGISTRY[kind]
+        path = registry[kind]
     except KeyError:
-        raise ManifestError(f"unknown transport {kind!r}; known: {sorted(REGISTRY)}") from None
+        raise error(f"unknown {what} {kind!r}; known: {sorted(registry)}") from None
     return importlib.import_module(path)
+
+
+def get(kind: str) -> ModuleType:
+    """The sharing transport module for ``kind`` (a manifest's storage kind)."""
+    return _load(REGISTRY, kind, ManifestError, "transport")
 
 
 def for_device(device: torch.device) -> ModuleType:
@@ -58,8 +63,4 @@ def storage_spec_from_dict(d: Any, where: str) -> Any:
 
 def get_streaming(kind: str) -> ModuleType:
     """The streaming transport module for ``kind`` (``"nccl"``, which also runs gloo on CPU)."""
-    try:
-        path = STREAMING[kind]
-    except KeyError:
-        raise BridgeError(f"unknown streaming transport {kind!r}; known: {sorted(STREAMING)}") from None
-    return importlib.import_module(path)
+    return _load(STREAMING, kind, BridgeError, "streaming transport")

@@ -24,7 +24,8 @@ import tempfile
 from typing import Any
 
 from ipcbridge.engine.types import GenerateOutput
-from ipcbridge.errors import BridgeError
+from ipcbridge.errors import BridgeError, MappingError
+from ipcbridge.mapping.archs import cfg, head_dim
 from ipcbridge.vllm.extension import EXTENSION_QUALNAME
 
 logger = logging.getLogger(__name__)
@@ -48,16 +49,11 @@ def write_model_dir(config: Any, path: str) -> str:
     raise TypeError(f"config must be a transformers config, a dict, or a path, got {type(config).__name__}")
 
 
-def _config_value(config: Any, key: str) -> Any:
-    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-
-
-def _head_dim(config: Any) -> int | None:
-    hd = _config_value(config, "head_dim")
-    hidden, heads = _config_value(config, "hidden_size"), _config_value(config, "num_attention_heads")
-    if isinstance(hd, int):
-        return hd
-    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+def _head_dim(config: Any) -> int:
+    try:
+        return head_dim(config)
+    except MappingError:
+        return 64  # vLLM reports a malformed config itself, with its own message
 
 
 def _architecture(model_type: str) -> str:
@@ -128,11 +124,11 @@ class VllmEngine:
             model = self.config_or_path
         else:
             # vLLM refuses a max_model_len beyond the config's positions; tiny demo configs have few.
-            limit = _config_value(self.config_or_path, "max_position_embeddings")
+            limit = cfg(self.config_or_path, "max_position_embeddings", None)
             if isinstance(limit, int) and limit < kwargs["max_model_len"]:
                 kwargs["max_model_len"] = limit
             # vLLM's Triton attention needs head_dim >= 32; FlexAttention takes any (slower, fine for toys).
-            if (_head_dim(self.config_or_path) or 64) < 32:
+            if _head_dim(self.config_or_path) < 32:
                 kwargs["attention_backend"] = "FLEX_ATTENTION"
             self._tmpdir = tempfile.mkdtemp(prefix="ipcbridge-vllm-")
             model = write_model_dir(self.config_or_path, self._tmpdir)
@@ -143,7 +139,7 @@ class VllmEngine:
         logger.info("starting vllm.LLM(%s) with %s", model, kwargs)
         self.llm = LLM(model=model, **kwargs)
         if self._tmpdir is not None and self.init == "hf":
-            std = _config_value(self.config_or_path, "initializer_range") or 0.02
+            std = cfg(self.config_or_path, "initializer_range", None) or 0.02
             self.ipcbridge_endpoint().rpc("ipcbridge_init_weights", self.seed, float(std))
         return self
 

@@ -223,6 +223,26 @@ def hf_config_dict(model_config: Any) -> dict[str, Any]:
     raise BridgeError(f"cannot serialise the engine's HF config of type {type(hf).__name__}")
 
 
+@torch.no_grad()
+def init_weights_(model: nn.Module, seed: int = 0, std: float = 0.02) -> int:
+    """HF-style init in place: norms 1, biases 0, the rest N(0, ``std``) from ``seed``. Returns the count.
+
+    vLLM's dummy weights are uniform in [-1e-3, 1e-3], norms included, so every logit is ~0 and every
+    greedy choice a near-tie; tests and demos need weights that say something.
+    """
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    n = 0
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and "norm" in name:
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * std)
+        n += 1
+    return n
+
+
 def build_manifest(params: Mapping[str, torch.Tensor], config: Mapping[str, Any], weight_version: int) -> Any:
     """The manifest of ``params`` (vLLM layout) with ``config``: :func:`ipcbridge.export`, reused."""
     from ipcbridge.handles import export
@@ -393,19 +413,7 @@ class WorkerExtension:
         N(0, ``std``) from ``seed``. For engines started on a bare config (``load_format="dummy"``), whose
         dummy weights (uniform in [-1e-3, 1e-3], norms included) make every logit ~0. JSON reply: count."""
         try:
-            model = self._ipcbridge_model()
-            g = torch.Generator(device=next(model.parameters()).device).manual_seed(parse_version(seed))
-            sigma = float(std)
-            n = 0
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if p.dim() == 1 and "norm" in name:
-                        p.fill_(1.0)
-                    elif name.endswith("bias"):
-                        p.zero_()
-                    else:
-                        p.copy_(torch.randn(p.shape, generator=g, device=p.device) * sigma)
-                    n += 1
+            n = init_weights_(self._ipcbridge_model(), parse_version(seed), float(std))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             return ok_reply(n)

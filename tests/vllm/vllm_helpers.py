@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ipcbridge.bridge import greedy
+from ipcbridge.vllm.extension import init_weights_
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -56,19 +57,9 @@ def record(test: str, **data: Any) -> None:
             f.write(line + "\n")
 
 
-@torch.no_grad()
 def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """HF-style init written *through the attached views* (so into vLLM's memory): norms 1, rest N(0, std).
-
-    vLLM's dummy weights are uniform in [-1e-3, 1e-3], norms included, which makes every logit ~0 and
-    every greedy choice a near-tie; a normal init gives the comparisons something to compare.
-    """
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() == 1 and "norm" in name:
-            p.fill_(1.0)
-        else:
-            p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * std)
+    """The worker's HF-style init, written *through the attached views* (so into vLLM's memory)."""
+    init_weights_(model, seed, std)
 
 
 hf_greedy = greedy  # the HF model's greedy continuation (full recompute per token, cache-free)
