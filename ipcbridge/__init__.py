@@ -1,6 +1,7 @@
 """ipcbridge: train the very weights your inference engine serves, in place, with no second copy."""
 
 from ipcbridge import mapping
+from ipcbridge._version import __version__
 from ipcbridge.attach import attach
 from ipcbridge.bridge import Bridge, CheckReport, connect
 from ipcbridge.checkpoint import save_pretrained
@@ -9,8 +10,6 @@ from ipcbridge.errors import BridgeError, EngineError, IpcBridgeError, ManifestE
 from ipcbridge.handles import export, open_manifest
 from ipcbridge.manifest import Manifest
 from ipcbridge.stream import StreamBridge, stream
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Bridge", "BridgeError", "CheckReport", "EngineError", "GenerateOutput", "IpcBridgeError", "LocalEngine",

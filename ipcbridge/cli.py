@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from ipcbridge import __version__
+from ipcbridge._version import __version__
 
 
 def _demo(args: argparse.Namespace) -> int:

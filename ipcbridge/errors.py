@@ -2,6 +2,14 @@
 
 Every message names what was wrong and how to fix it. ``ManifestError`` and ``MappingError`` are also
 ``ValueError`` (bad input); ``BridgeError`` is a ``RuntimeError`` (a live engine or attachment failed).
+
+Note [error types cross processes]
+    An error raised in the engine process (a ``MappingError`` for a config it cannot map, a
+    ``FenceError`` for a pause held by someone else) reaches the trainer as the *same* type: the RPC
+    envelope (:mod:`ipcbridge.wire`) carries the class name and :func:`error_type` turns it back into
+    the class. Only the names below travel; any other exception arrives as the caller's default type
+    (``EngineError`` for the embedded engine, ``BridgeError`` for vLLM), so a peer can never make the
+    trainer instantiate an arbitrary class.
 """
 
 from __future__ import annotations
@@ -23,5 +31,21 @@ class BridgeError(IpcBridgeError, RuntimeError):
     """Attaching to, fencing or talking to an engine failed (engine gone, hung, refused, or not shareable)."""
 
 
+class FenceError(BridgeError):
+    """A fence could not be taken or was broken: the engine is paused by another holder, ``update()`` was
+    nested, or a lease expired before its holder resumed the engine."""
+
+
 class EngineError(BridgeError):
     """The embedded engine process died, timed out, or rejected a request."""
+
+
+#: The error classes whose names may cross a process boundary. See Note [error types cross processes].
+_WIRE_TYPES: dict[str, type[IpcBridgeError]] = {
+    cls.__name__: cls for cls in (IpcBridgeError, ManifestError, MappingError, BridgeError, FenceError, EngineError)
+}
+
+
+def error_type(name: object, default: type[IpcBridgeError]) -> type[IpcBridgeError]:
+    """The ipcbridge error class called ``name``, or ``default`` for any other name."""
+    return _WIRE_TYPES.get(name, default) if isinstance(name, str) else default

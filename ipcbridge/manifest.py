@@ -28,64 +28,21 @@ from typing import Any
 import torch
 
 from ipcbridge.errors import ManifestError
+from ipcbridge.wire import (
+    DTYPES,
+    check_dims,
+    check_format,
+    check_int,
+    check_keys,
+    check_tensor,
+    check_type,
+    check_version,
+    dtype_name,
+)
 
 FORMAT = "ipcbridge.manifest"
 FORMAT_VERSION = 1
 LAYOUTS = ("vllm", "hf", "meta")
-
-#: dtype names a manifest may carry (``str(torch.bfloat16) == "torch.bfloat16"`` minus the prefix).
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in (
-        "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
-        "float8_e4m3fn", "float8_e5m2",
-    )
-    if hasattr(torch, name)
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ManifestError(f"dtype {dtype} cannot be exported; supported: {', '.join(DTYPES)}")
-    return name
-
-
-# ----------------------------------------------------------------------------------------------------
-# Field validation helpers. Each takes the dotted path of the field so errors say exactly which one.
-
-
-def check_type(value: Any, types: type | tuple[type, ...], where: str) -> Any:
-    # bool is an int subclass; a manifest that says "shape": [true] is malformed, not shape [1].
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ManifestError(f"{where}: expected {_type_names(types)}, got bool {value!r}")
-    if not isinstance(value, types):
-        raise ManifestError(f"{where}: expected {_type_names(types)}, got {type(value).__name__} {value!r:.80}")
-    return value
-
-
-def check_int(value: Any, where: str, minimum: int | None = 0) -> int:
-    check_type(value, int, where)
-    if minimum is not None and value < minimum:
-        raise ManifestError(f"{where}: must be >= {minimum}, got {value}")
-    return value
-
-
-def check_keys(d: Any, required: set[str], optional: set[str], where: str) -> Mapping[str, Any]:
-    check_type(d, Mapping, where)
-    missing = required - d.keys()
-    extra = d.keys() - required - optional
-    if missing:
-        raise ManifestError(f"{where}: missing field(s) {sorted(missing)}")
-    if extra:
-        raise ManifestError(f"{where}: unknown field(s) {sorted(extra)}; was it written by a newer ipcbridge?")
-    return d
-
-
-def _type_names(types: type | tuple[type, ...]) -> str:
-    ts = types if isinstance(types, tuple) else (types,)
-    return " or ".join(t.__name__ for t in ts)
-
 
 # ----------------------------------------------------------------------------------------------------
 
@@ -104,26 +61,12 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         where = f"tensor {self.name!r}"
-        check_type(self.name, str, f"{where}.name")
-        if not self.name:
-            raise ManifestError("tensor name must be a non-empty string")
+        check_tensor(self.name, self.dtype, self.shape, self.nbytes, where)
         check_int(self.storage, f"{where}.storage")
-        if self.dtype not in DTYPES:
-            raise ManifestError(f"{where}.dtype: unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
-        check_type(self.shape, tuple, f"{where}.shape")
-        check_type(self.stride, tuple, f"{where}.stride")
-        for i, s in enumerate(self.shape):
-            check_int(s, f"{where}.shape[{i}]")
-        for i, s in enumerate(self.stride):
-            check_int(s, f"{where}.stride[{i}]")
+        check_dims(self.stride, f"{where}.stride")
         if len(self.shape) != len(self.stride):
             raise ManifestError(f"{where}: shape {list(self.shape)} and stride {list(self.stride)} differ in rank")
         check_int(self.storage_offset, f"{where}.storage_offset")
-        check_int(self.nbytes, f"{where}.nbytes")
-        if self.nbytes != self.numel * self.itemsize:
-            raise ManifestError(
-                f"{where}.nbytes: {self.nbytes} != numel {self.numel} x itemsize {self.itemsize}"
-            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,7 +74,7 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.torch_dtype.itemsize
 
     @property
     def numel(self) -> int:
@@ -225,11 +168,7 @@ class Manifest:
         check_int(self.weight_version, "manifest.weight_version")
         if self.config is not None:
             check_type(self.config, Mapping, "manifest.config")
-        if self.format_version != FORMAT_VERSION:
-            raise ManifestError(
-                f"manifest.format_version: {self.format_version} is not supported (this ipcbridge reads "
-                f"{FORMAT_VERSION}); use the same ipcbridge version in the engine and the trainer"
-            )
+        check_version(self.format_version, FORMAT_VERSION, "manifest")
         seen: set[str] = set()
         for t in self.tensors:
             if t.name in seen:
@@ -292,17 +231,7 @@ class Manifest:
 
         top = {"format", "format_version", "export_id", "layout", "weight_version", "producer", "config",
                "storages", "tensors"}
-        check_type(d, Mapping, "manifest")
-        if d.get("format") != FORMAT:
-            raise ManifestError(
-                f"manifest.format: expected {FORMAT!r}, got {d.get('format')!r}; this is not an ipcbridge manifest"
-            )
-        version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ManifestError(
-                f"manifest.format_version: {version!r} is not supported (this ipcbridge reads {FORMAT_VERSION}); "
-                "use the same ipcbridge version in the engine and the trainer"
-            )
+        version = check_format(d, FORMAT, FORMAT_VERSION, "manifest")["format_version"]
         check_keys(d, top, set(), "manifest")
         p = check_keys(d["producer"], {"pid", "boot_id", "hostname"}, set(), "manifest.producer")
         check_type(d["storages"], list, "manifest.storages")

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 
 from ipcbridge.errors import BridgeError, ManifestError
-from ipcbridge.manifest import check_int, check_keys, check_type
+from ipcbridge.wire import check_int, check_keys, check_type
 
 KIND = "cuda_ipc"
 

@@ -64,7 +64,7 @@ from typing import Any, Protocol
 import torch
 
 from ipcbridge.errors import BridgeError, ManifestError
-from ipcbridge.manifest import DTYPES, check_int, check_keys, check_type, dtype_name
+from ipcbridge.wire import DTYPES, check_int, check_keys, check_type, dtype_name
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from ipcbridge.errors import BridgeError, ManifestError
-from ipcbridge.manifest import check_int, check_keys
+from ipcbridge.wire import check_int, check_keys
 
 KIND = "shm"
 
