@@ -32,6 +32,7 @@ import torch
 
 import ipcbridge
 from ipcbridge.vllm.colocate import VllmEngine
+from ipcbridge.vllm.testing import TESTING_EXTENSION_QUALNAME
 
 GIB = 2**30
 
@@ -96,8 +97,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     # num_gpu_blocks=None: vLLM sizes the KV cache from gpu_memory_utilization, as in production.
+    # The testing extension: the copy-based baseline below calls its ipcbridge_load_weights.
     with VllmEngine(config, gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=512,
-                    num_gpu_blocks=None, dtype="bfloat16") as engine:
+                    num_gpu_blocks=None, dtype="bfloat16",
+                    worker_extension_cls=TESTING_EXTENSION_QUALNAME) as engine:
         import vllm
 
         res["vllm"] = vllm.__version__

@@ -6,13 +6,13 @@ from ipcbridge.attach import attach
 from ipcbridge.bridge import Bridge, CheckReport, connect
 from ipcbridge.checkpoint import save_pretrained
 from ipcbridge.engine import GenerateOutput, LocalEngine
-from ipcbridge.errors import BridgeError, EngineError, IpcBridgeError, ManifestError, MappingError
+from ipcbridge.errors import BridgeError, EngineError, FenceError, IpcBridgeError, ManifestError, MappingError
 from ipcbridge.handles import export, open_manifest
 from ipcbridge.manifest import Manifest
 from ipcbridge.stream import StreamBridge, stream
 
 __all__ = [
-    "Bridge", "BridgeError", "CheckReport", "EngineError", "GenerateOutput", "IpcBridgeError", "LocalEngine",
+    "Bridge", "BridgeError", "CheckReport", "EngineError", "FenceError", "GenerateOutput", "IpcBridgeError", "LocalEngine",
     "Manifest", "ManifestError", "MappingError", "StreamBridge", "__version__", "attach", "connect", "export",
     "mapping", "open_manifest", "save_pretrained", "stream",
 ]

@@ -1,8 +1,10 @@
 """Attach: a Hugging Face model whose parameters are views of an engine's weight memory.
 
-The model is built on the meta device (no weight memory at all), then every parameter is *assigned* a
-view of the engine's tensors with ``load_state_dict(assign=True)``: core torch, no monkeypatching. Tied
-parameters receive the very same ``nn.Parameter`` object, so an optimizer updates them once.
+The model is built with its parameters on the meta device (no weight memory at all; accelerate's
+``init_empty_weights``, see Note [building on the meta device] in :mod:`ipcbridge.hf`), then every
+parameter is *assigned* a view of the engine's tensors with ``load_state_dict(assign=True)``, which is core
+torch and patches nothing. Tied parameters receive the very same ``nn.Parameter`` object, so an optimizer
+updates them once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from ipcbridge import mapping
 from ipcbridge.errors import BridgeError, MappingError
 from ipcbridge.handles import OpenedManifest, open_manifest
+from ipcbridge.hf import build_meta_model, materialize_buffers, to_hf_config
 from ipcbridge.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -25,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Attachment:
-    """What an attached model aliases. Kept on the model as ``model.ipcbridge_attachment``.
+    """What an attached model aliases. Owned by the :class:`~ipcbridge.Bridge` (nothing is stored on the model).
 
     ``ranges`` are the (start, end) addresses of the engine's storages as mapped here: every parameter's
     bytes must lie inside one of them (the zero-copy proof). ``opened`` keeps the mappings alive.
@@ -43,44 +46,24 @@ class Attachment:
         end = start + _span_bytes(t)
         return any(lo <= start and end <= hi for lo, hi in self.ranges)
 
+    def outside(self, model: nn.Module) -> list[str]:
+        """The names of ``model``'s parameters whose bytes do not lie in the engine's memory: copied,
+        resized (Note [IPC tensors must never be resized]) or moved. Empty when fully aliased."""
+        return [n for n, p in model.named_parameters(remove_duplicate=False) if not self.owns(p)]
+
+    def outside_bytes(self, model: nn.Module) -> int:
+        """Bytes of ``model``'s distinct parameters outside the engine's memory (0 when fully aliased)."""
+        return sum(p.numel() * p.element_size() for p in model.parameters() if not self.owns(p))
+
+    def close(self) -> None:
+        """Unmap the engine's memory (the model's views must be dropped too for it to go)."""
+        self.source_tensors.clear()
+        if self.opened is not None:
+            self.opened.close()
+
 
 def _span_bytes(t: torch.Tensor) -> int:
     return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=False))) * t.element_size()
-
-
-def to_hf_config(config: Any) -> Any:
-    """A ``transformers`` config from a config object, a dict (``to_dict()`` output) or a local path."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(config, PretrainedConfig):
-        return config
-    if isinstance(config, Mapping):
-        d = dict(config)
-        mt = d.pop("model_type", None)
-        if not mt:
-            raise MappingError("config dict has no 'model_type'; pass config.to_dict() of a transformers config")
-        try:
-            return AutoConfig.for_model(mt, **d)
-        except Exception as e:  # transformers validates configs with several exception types
-            raise MappingError(f"transformers rejects this {mt!r} config: {e}") from None
-    if isinstance(config, str):
-        return AutoConfig.from_pretrained(config)
-    raise TypeError(f"config must be a transformers config, a dict or a path, got {type(config).__name__}")
-
-
-def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
-    """The HF causal LM for ``config`` with every parameter on the meta device (buffers are real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    # include_buffers=False (the default) keeps non-persistent buffers such as rotary inv_freq real: they
-    # are computed at construction and never exported by an engine.
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except TypeError:  # transformers < 4.56 spells it torch_dtype
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    return model
 
 
 def bind(model: nn.Module, views: Mapping[str, torch.Tensor]) -> None:
@@ -122,11 +105,12 @@ def verify(model: nn.Module, attachment: Attachment, views: Mapping[str, torch.T
         v = views[name]
         if p.dtype != v.dtype or p.shape != v.shape:
             raise BridgeError(f"{name}: bound as {p.dtype}{list(p.shape)}, exported {v.dtype}{list(v.shape)}")
-        if not attachment.owns(p):
-            raise BridgeError(
-                f"{name} does not lie in the engine's memory (it was copied or resized); see Note [IPC "
-                "tensors must never be resized]"
-            )
+    outside = attachment.outside(model)
+    if outside:
+        raise BridgeError(
+            f"{outside[:8]} do not lie in the engine's memory (copied or resized); see Note [IPC tensors must "
+            "never be resized]"
+        )
 
 
 def attach(source: Manifest | Mapping[str, torch.Tensor], config: Any = None) -> nn.Module:
@@ -134,8 +118,15 @@ def attach(source: Manifest | Mapping[str, torch.Tensor], config: Any = None) ->
 
     ``source`` is a :class:`Manifest` (another process's weights) or an in-process vLLM-layout state dict.
     ``config`` defaults to the manifest's. Training the returned model (``optimizer.step()``) writes the
-    engine's tensors in place. If anything fails, nothing stays attached or mapped.
+    engine's tensors in place; the mapping lasts as long as the model's parameters. If anything fails,
+    nothing stays attached or mapped. ``ipcbridge.connect`` adds the fence and the self-test.
     """
+    return attach_with_attachment(source, config)[0]
+
+
+def attach_with_attachment(source: Manifest | Mapping[str, torch.Tensor],
+                           config: Any = None) -> tuple[nn.Module, Attachment]:
+    """:func:`attach`, also returning the :class:`Attachment` that says which memory the model aliases."""
     opened: OpenedManifest | None = None
     if isinstance(source, Manifest):
         config = config if config is not None else source.config
@@ -162,11 +153,7 @@ def attach(source: Manifest | Mapping[str, torch.Tensor], config: Any = None) ->
         dtype = next(iter(views.values())).dtype
         model = build_meta_model(hf_config, dtype)
         bind(model, views)
-        device = next(iter(views.values())).device
-        for module in model.modules():
-            for name, buf in list(module._buffers.items()):
-                if buf is not None and buf.device != device:
-                    module._buffers[name] = buf.to(device)
+        materialize_buffers(model, next(iter(views.values())).device)
         attachment = Attachment(
             layout=layout, ranges=ranges, source_tensors=tensors, opened=opened,
         )
@@ -175,9 +162,8 @@ def attach(source: Manifest | Mapping[str, torch.Tensor], config: Any = None) ->
         if opened is not None:
             opened.close()
         raise
-    model.ipcbridge_attachment = attachment
     model.eval()
-    return model
+    return model, attachment
 
 
 def _views(tensors: Mapping[str, torch.Tensor], config: Any, layout: str) -> dict[str, torch.Tensor]:
@@ -185,7 +171,4 @@ def _views(tensors: Mapping[str, torch.Tensor], config: Any, layout: str) -> dic
         return mapping.hf_views(tensors, config)
     if layout == "hf":
         return dict(tensors)
-    convert = getattr(mapping, "convert", None)
-    if convert is None:
-        raise MappingError(f"layout {layout!r} cannot be attached; export the engine's weights in 'vllm' layout")
-    return convert(tensors, config, src=layout, dst="hf", alias_only=True)
+    return mapping.convert(tensors, config, src=layout, dst="hf", alias_only=True)

@@ -1,118 +1,33 @@
-"""connect(): attach to an engine and fence weight updates against its generation.
+"""connect(): attach to an engine's weights and fence updates against its generation.
 
-A :class:`Bridge` pairs an attached HF model with an :class:`Endpoint`, the engine-specific control
-channel (the embedded engine, vLLM's ``LLM``/``AsyncLLM``, or a ``vllm serve`` URL). Endpoints are found
-lazily by module path so that ``import ipcbridge`` never imports vLLM.
-
-Note [the fence]
-    ``with bridge.update(): optimizer.step()``:
-      1. ``endpoint.pause()`` returns once the engine has stopped scheduling and no generation is in
-         flight, so nothing reads the weights while they change;
-      2. the step runs (it only *enqueues* kernels on the trainer's stream);
-      3. the trainer's device work is synchronised, so every write has landed in the shared memory;
-      4. ``endpoint.resume(version)`` drops KV/prefix caches computed with the old weights, records the
-         new weight version and lets generation continue.
-    Without step 3 the engine could resume while the optimizer's kernels are still writing. If the block
-    raises, the fence still completes (weights may be partly updated, and the engine must not stay
-    paused), and the exception propagates.
+A :class:`Bridge` pairs an attached HF model (and the :class:`~ipcbridge.attach.Attachment` that says which
+memory it aliases) with an :class:`~ipcbridge.endpoints.Endpoint`, the engine's control channel. Its
+``update()`` is the shared fence of :mod:`ipcbridge.fence` (Note [the fence]); the engine owns the weight
+version, and the bridge reports the one the engine published last.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import statistics
+import os
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import torch
 from torch import nn
 
-from ipcbridge.attach import attach
+from ipcbridge import mapping
+from ipcbridge.attach import Attachment, attach_with_attachment
+from ipcbridge.endpoints import CanSample, Endpoint, resolve_endpoint
 from ipcbridge.errors import BridgeError
+from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, Fence, synchronize
+from ipcbridge.logprobs import sequence_logprobs
 from ipcbridge.manifest import Manifest
 
 logger = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Endpoint(Protocol):
-    """The control channel of one engine, as ``connect`` needs it.
-
-    An endpoint may also have ``sample(prompt, max_tokens) -> (tokens, logprobs)``: greedy tokens and the
-    engine's logprob of each. :meth:`Bridge.check` uses it for the parity test when it is there.
-    """
-
-    #: Short description for logs and summaries, e.g. ``"local-engine"`` or ``"vllm-llm"``.
-    name: str
-
-    def manifest(self) -> Manifest:
-        """The engine's current export (handles, config, weight version)."""
-
-    def pause(self) -> None:
-        """Stop generation and wait for in-flight requests. Raise ``BridgeError`` if the engine is gone."""
-
-    def resume(self, weight_version: int) -> None:
-        """Drop caches computed with old weights, record ``weight_version``, resume generation."""
-
-    def close(self) -> None:
-        """Release the endpoint's own resources (not the engine)."""
-
-
-#: Endpoint factories by target kind, as "module:attribute" strings (imported on first use).
-ENDPOINTS: dict[str, str] = {
-    "http": "ipcbridge.vllm.http:HttpEndpoint",
-    "vllm": "ipcbridge.vllm.endpoints:endpoint_for",
-}
-
-
-def _load(path: str) -> Any:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-class ManifestEndpoint:
-    """A fixed manifest with no engine to pause: the fence is only the device synchronisation."""
-
-    name = "manifest"
-
-    def __init__(self, manifest: Manifest) -> None:
-        self._manifest = manifest
-
-    def manifest(self) -> Manifest:
-        return self._manifest
-
-    def pause(self) -> None:
-        pass
-
-    def resume(self, weight_version: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def resolve_endpoint(target: Any) -> Endpoint:
-    """The endpoint for ``target``: a Manifest, a LocalEngine, a vLLM LLM/AsyncLLM, or an http(s) URL."""
-    if isinstance(target, Manifest):
-        return ManifestEndpoint(target)
-    hook = getattr(target, "ipcbridge_endpoint", None)
-    if callable(hook):
-        return hook()
-    if isinstance(target, Endpoint):
-        return target
-    if isinstance(target, str) and target.startswith(("http://", "https://")):
-        return _load(ENDPOINTS["http"])(target)
-    if type(target).__module__.split(".")[0] == "vllm":
-        return _load(ENDPOINTS["vllm"])(target)
-    raise TypeError(
-        f"connect() does not know how to reach a {type(target).__module__}.{type(target).__name__}; pass a "
-        "LocalEngine, a vllm.LLM/AsyncLLM started with worker_extension_cls='ipcbridge.vllm.WorkerExtension', "
-        "an http://host:port of `vllm serve`, or a Manifest"
-    )
 
 
 @dataclass
@@ -134,92 +49,107 @@ class CheckReport:
         return self.engine_tensors_used == self.engine_tensors and not self.parameters_outside_engine
 
 
-def trainer_weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters that do *not* lie in the engine's memory (0 when fully aliased)."""
-    att = model.ipcbridge_attachment
-    return sum(p.numel() * p.element_size() for p in model.parameters() if not att.owns(p))
-
-
 def model_weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's distinct parameters (a tied weight counts once, as ``parameters()`` yields it)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def synchronize(model: nn.Module) -> None:
-    """Wait for all device work that may write the model's parameters. See Note [the fence] step 3."""
-    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
-    for d in devices:
-        torch.cuda.synchronize(d)
-
-
 class Bridge:
-    """An attached HF model plus the engine it aliases.
+    """An attached HF model plus the engine it aliases. Make one with :func:`connect`.
 
     ``model``'s parameters are views of the engine's weights: an optimizer step on them *is* a weight
     update. Do it inside ``with bridge.update():`` so the engine never generates from half-written weights.
+    The views stay valid while the bridge is open and the engine keeps its weights; :meth:`close` drops
+    them (the model object then has no engine memory behind it).
     """
 
-    def __init__(self, endpoint: Endpoint, model: nn.Module, manifest: Manifest) -> None:
+    def __init__(self, endpoint: Endpoint, model: nn.Module, attachment: Attachment, manifest: Manifest, *,
+                 lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS) -> None:
         self.endpoint = endpoint
         self.model: nn.Module | None = model
         self.manifest = manifest
-        self.weight_version = manifest.weight_version
-        self.fence_seconds: list[float] = []
         self.attach_seconds: float = 0.0
+        self._attachment: Attachment | None = attachment
+        holder = f"bridge {secrets.token_hex(3)} (pid {os.getpid()}, {endpoint.name})"
+        self._fence = Fence(endpoint, holder=holder, version=manifest.weight_version,
+                            sync=lambda: synchronize(self._model()), lease_seconds=lease_seconds, wait=wait)
 
     @property
     def transport(self) -> str:
         return self.manifest.transport
+
+    @property
+    def weight_version(self) -> int:
+        """The weight version the engine published at this bridge's last resume (the manifest's before)."""
+        return self._fence.version
+
+    @property
+    def fence_seconds(self) -> list[float]:
+        """How long each fence kept the engine paused, minus the block's own time."""
+        return self._fence.seconds
+
+    def fence_seconds_median(self) -> float | None:
+        return self._fence.median_seconds()
 
     def _model(self) -> nn.Module:
         if self.model is None:
             raise BridgeError("this Bridge is closed; call ipcbridge.connect(...) again")
         return self.model
 
+    def _attached(self) -> tuple[nn.Module, Attachment]:
+        model, att = self._model(), self._attachment
+        if att is None:  # close() clears both; nothing else does
+            raise BridgeError("this Bridge is closed; call ipcbridge.connect(...) again")
+        return model, att
+
     @contextmanager
     def update(self) -> Iterator[Bridge]:
-        """Fence a weight update; see Note [the fence]."""
-        model = self._model()
-        t0 = time.perf_counter()
-        self.endpoint.pause()
-        paused = time.perf_counter() - t0
-        try:
-            yield self
-        finally:
-            t1 = time.perf_counter()
-            synchronize(model)
-            self.weight_version += 1
-            self.endpoint.resume(self.weight_version)
-            self.fence_seconds.append(paused + time.perf_counter() - t1)
+        """Fence a weight update (Note [the fence] in :mod:`ipcbridge.fence`).
 
-    def fence_seconds_median(self) -> float | None:
-        return statistics.median(self.fence_seconds) if self.fence_seconds else None
+        Raises ``FenceError`` if called inside another ``update()`` of an engine this thread holds, if
+        another holder keeps the engine paused longer than ``wait``, or if the lease ran out before the
+        block ended (call :meth:`renew` in long blocks).
+        """
+        self._model()
+        with self._fence.hold():
+            yield self
+
+    def renew(self) -> None:
+        """Extend the current update's lease by its length (for a block that takes longer than it)."""
+        self._fence.renew()
+
+    # -- the self-test -------------------------------------------------------------------------------
+
+    def parameters_outside_engine(self) -> list[str]:
+        """Names of the model's parameters whose bytes do not lie in the engine's memory (none when aliased)."""
+        model, att = self._attached()
+        return att.outside(model)
+
+    def trainer_weight_bytes(self) -> int:
+        """Bytes of the model's parameters that do *not* lie in the engine's memory (0 when fully aliased)."""
+        model, att = self._attached()
+        return att.outside_bytes(model)
 
     def check(self, prompt: list[int] | None = None, max_tokens: int = 8, raise_on_failure: bool = True) -> CheckReport:
         """Coverage, zero copy and (if the endpoint can sample) logprob parity with the engine."""
-        model = self._model()
-        att = model.ipcbridge_attachment
-        from ipcbridge import mapping
-
+        model, att = self._attached()
         engine_names = set(att.source_tensors)
         if att.layout == "vllm":
-            used = {s.vllm for s in mapping.plan_from_vllm(engine_names, model.config)}
+            used = {s.target for s in mapping.plan_from_vllm(engine_names, model.config)}
         else:
             used = engine_names
-        outside = [n for n, p in model.named_parameters(remove_duplicate=False) if not att.owns(p)]
+        outside = att.outside(model)
         report = CheckReport(
             hf_parameters=len(list(model.named_parameters(remove_duplicate=False))),
             engine_tensors=len(engine_names),
             engine_tensors_used=len(used & engine_names),
             parameters_outside_engine=outside,
-            trainer_weight_bytes=trainer_weight_bytes(model),
+            trainer_weight_bytes=att.outside_bytes(model),
             model_weight_bytes=model_weight_bytes(model),
         )
-        sample = getattr(self.endpoint, "sample", None)
-        if callable(sample):
-            prompt = prompt or [1, 2, 3, 4]
-            tokens, engine_lp = sample(prompt, max_tokens)
-            hf_lp = sequence_logprobs(model, prompt, tokens)
+        if isinstance(self.endpoint, CanSample):
+            tokens, engine_lp = self.endpoint.sample(prompt or [1, 2, 3, 4], max_tokens)
+            hf_lp = sequence_logprobs(model, prompt or [1, 2, 3, 4], tokens)
             diffs = [abs(a - b) for a, b in zip(hf_lp, engine_lp, strict=False)]
             report.logprob_mean_abs_diff = sum(diffs) / len(diffs) if diffs else 0.0
             report.logprob_max_abs_diff = max(diffs, default=0.0)
@@ -232,14 +162,17 @@ class Bridge:
             )
         return report
 
+    # -- lifetime ------------------------------------------------------------------------------------
+
     def close(self) -> None:
         """Drop the model's views and the endpoint. The engine itself keeps running."""
         if self.model is None:
             return
-        att = getattr(self.model, "ipcbridge_attachment", None)
-        self.model = None
-        if att is not None and att.opened is not None:
-            att.opened.close()
+        if self._fence.active:
+            raise BridgeError("close() inside `with bridge.update():`; leave the block first")
+        att, self._attachment, self.model = self._attachment, None, None
+        if att is not None:
+            att.close()
         self.endpoint.close()
 
     def __enter__(self) -> Bridge:
@@ -249,39 +182,25 @@ class Bridge:
         self.close()
 
 
-@torch.no_grad()
-def sequence_logprobs(model: nn.Module, prompt: list[int], completion: list[int]) -> list[float]:
-    """log p(completion[i] | prompt + completion[:i]) under ``model``, in float32."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt + completion], device=device)
-    logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-    lp = torch.log_softmax(logits, dim=-1)
-    return lp.gather(1, torch.tensor(completion, device=device)[:, None])[:, 0].tolist()
-
-
-@torch.no_grad()
-def greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
-    """``max_tokens`` greedy tokens after ``prompt`` under ``model`` (full recompute per token, no cache):
-    what an engine serving the same weights should generate."""
-    device = next(model.parameters()).device
-    ids = list(prompt)
-    for _ in range(max_tokens):
-        ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].float().argmax()))
-    return ids[len(prompt):]
-
-
-def connect(target: Any, *, config: Any = None, check: bool = False) -> Bridge:
+def connect(target: Any, *, config: Any = None, check: bool = False,
+            lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS) -> Bridge:
     """Attach to ``target``'s weights and return a :class:`Bridge`.
 
     ``target``: a :class:`~ipcbridge.LocalEngine`, a ``vllm.LLM`` or ``AsyncLLM`` started with
     ``worker_extension_cls="ipcbridge.vllm.WorkerExtension"``, the URL of ``vllm serve`` (dev mode), or a
-    :class:`Manifest`. ``check=True`` runs :meth:`Bridge.check` and raises if it fails.
+    :class:`Manifest`. ``check=True`` runs :meth:`Bridge.check` and raises if it fails. Each
+    ``update()`` holds the engine's pause for at most ``lease_seconds`` (then the engine resumes by
+    itself) and waits at most ``wait`` seconds for another holder's pause to end.
     """
     endpoint = resolve_endpoint(target)
     t0 = time.perf_counter()
-    manifest = endpoint.manifest()
-    model = attach(manifest, config)
-    bridge = Bridge(endpoint, model, manifest)
+    try:
+        manifest = endpoint.manifest()
+        model, attachment = attach_with_attachment(manifest, config)
+    except BaseException:
+        endpoint.close()
+        raise
+    bridge = Bridge(endpoint, model, attachment, manifest, lease_seconds=lease_seconds, wait=wait)
     bridge.attach_seconds = time.perf_counter() - t0
     if check:
         try:

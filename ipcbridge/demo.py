@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import ipcbridge
-from ipcbridge.bridge import model_weight_bytes, trainer_weight_bytes
+from ipcbridge.bridge import model_weight_bytes
 
 TARGET_TOKEN = 7
 
@@ -114,7 +114,7 @@ def run(
             device=str(param_device),
             attach_seconds=bridge.attach_seconds,
             fence_seconds_median=bridge.fence_seconds_median() or 0.0,
-            trainer_weight_bytes=trainer_weight_bytes(model),
+            trainer_weight_bytes=bridge.trainer_weight_bytes(),
             model_weight_bytes=model_weight_bytes(model),
             cuda_allocated_delta_bytes=delta,
             seconds=0.0,

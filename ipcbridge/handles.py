@@ -18,6 +18,7 @@ from torch import nn
 
 from ipcbridge import transports
 from ipcbridge.errors import BridgeError, ManifestError
+from ipcbridge.hf import config_dict
 from ipcbridge.manifest import Manifest, Producer, TensorSpec, boot_id
 
 logger = logging.getLogger(__name__)
@@ -27,16 +28,6 @@ logger = logging.getLogger(__name__)
 # Rather than fail, a process that opens its own manifest gets its own tensors back, which alias the
 # exported memory by definition.
 _LOCAL_EXPORTS: dict[str, dict[str, weakref.ref[torch.Tensor]]] = {}
-
-
-def config_to_dict(config: Any) -> dict[str, Any] | None:
-    if config is None:
-        return None
-    if isinstance(config, Mapping):
-        return dict(config)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    raise TypeError(f"config must be a transformers PretrainedConfig or a dict, got {type(config).__name__}")
 
 
 def named_tensors(source: Mapping[str, torch.Tensor] | nn.Module) -> dict[str, torch.Tensor]:
@@ -87,7 +78,7 @@ def export(
         export_id=uuid.uuid4().hex,
         layout=layout,
         weight_version=weight_version,
-        config=config_to_dict(config),
+        config=config_dict(config),
     )
     for stale in [k for k, refs in _LOCAL_EXPORTS.items() if all(r() is None for r in refs.values())]:
         del _LOCAL_EXPORTS[stale]

@@ -152,7 +152,11 @@ def unwrap(reply: Any, where: str, default: type[IpcBridgeError]) -> Any:
         )
     if reply["ok"]:
         return reply.get("result")
-    message = reply.get("error")
+    message, name = reply.get("error"), reply.get("error_type")
     if not isinstance(message, str):
         raise default(f"{where} reported a failure without a message")
-    raise error_type(reply.get("error_type"), default)(message)
+    cls = error_type(name, default)
+    if cls is default and name != default.__name__:
+        # Not one of ours: say what it was and where, since the type itself cannot cross.
+        message = f"{where} refused: {name}: {message}"
+    raise cls(message)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_model, tiny_config, vllm_weights
 
 import ipcbridge
 from ipcbridge import MappingError
-from ipcbridge.bridge import trainer_weight_bytes
+from ipcbridge.attach import attach_with_attachment
+from tests.helpers import reference_model, tiny_config, vllm_weights
 
 IDS = torch.tensor([[1, 5, 9, 42, 99, 3]])
 
@@ -18,13 +18,14 @@ def test_logits_equal_reference_and_zero_copy(model_type: str, tied: bool) -> No
     cfg = tiny_config(model_type, tied=tied)
     ref = reference_model(cfg)
     weights = vllm_weights(ref, cfg)
-    model = ipcbridge.attach(weights, cfg)
+    model, attachment = attach_with_attachment(weights, cfg)
     assert torch.equal(model(IDS).logits, ref(IDS).logits)
     ranges = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in weights.values()]
     for name, p in model.named_parameters():
         assert not p.is_meta, name
         assert any(lo <= p.data_ptr() < hi for lo, hi in ranges), name
-    assert trainer_weight_bytes(model) == 0
+    assert attachment.outside_bytes(model) == 0 and attachment.outside(model) == []
+    assert not hasattr(model, "ipcbridge_attachment")  # the bridge owns it, not the HF model
     if tied:
         assert model.lm_head.weight is model.model.embed_tokens.weight
     # the embedding view drops vLLM's vocab padding (100 -> 128 rows)

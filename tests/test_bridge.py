@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_model, tiny_config, vllm_weights
 
 import ipcbridge
 from ipcbridge import BridgeError
-from ipcbridge.bridge import ENDPOINTS, ManifestEndpoint, resolve_endpoint
+from ipcbridge.endpoints import ENDPOINTS, ManifestEndpoint, resolve_endpoint
+from tests.helpers import reference_model, tiny_config, vllm_weights
 
 
 def test_connect_to_a_manifest() -> None:
@@ -45,11 +45,18 @@ class _RecordingEndpoint:
     def manifest(self):
         return self._m
 
-    def pause(self) -> None:
+    def pause(self, lease, wait: float) -> None:
         self.calls.append("pause")
 
-    def resume(self, weight_version: int) -> None:
-        self.calls.append(("resume", weight_version))
+    def renew(self, lease) -> None:
+        self.calls.append("renew")
+
+    def resume(self, lease) -> int:
+        self.calls.append("resume")
+        return 41  # the engine owns the version
+
+    def cancel(self, lease) -> None:
+        self.calls.append("cancel")
 
     def close(self) -> None:
         self.calls.append("close")
@@ -63,5 +70,19 @@ def test_custom_endpoint_sees_pause_then_resume_with_the_new_version() -> None:
     bridge = ipcbridge.connect(ep)
     with bridge.update():
         assert ep.calls == ["pause"]
+        bridge.renew()
+    assert bridge.weight_version == 41
     bridge.close()
-    assert ep.calls == ["pause", ("resume", 1), "close"]
+    assert ep.calls == ["pause", "renew", "resume", "close"]
+
+
+def test_close_inside_update_is_refused_and_the_bridge_stays_usable() -> None:
+    cfg = tiny_config("llama")
+    weights = vllm_weights(reference_model(cfg), cfg)
+    bridge = ipcbridge.connect(ipcbridge.export(weights, cfg))
+    with bridge.update(), pytest.raises(BridgeError, match="leave the block first"):
+        bridge.close()
+    assert bridge.parameters_outside_engine() == [] and bridge.trainer_weight_bytes() == 0
+    bridge.close()
+    with pytest.raises(BridgeError, match="closed"):
+        bridge.parameters_outside_engine()

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 
 import ipcbridge
 from ipcbridge import checkpoint, mapping
-
-sys.path.insert(0, str(Path(__file__).parent / "mapping"))
-from mapping_cases import CASES, reference_model, token_ids
+from tests.mapping.mapping_cases import CASES, reference_model, token_ids
 
 SAVED_CASES = ["llama-untied", "qwen3-qknorm", "gemma2-tied", "phi3-tied", "gpt2-untied", "opt-tied"]
 

@@ -21,6 +21,8 @@ import torch
 from ipcbridge.engine import protocol
 from ipcbridge.engine.types import GenerateOutput
 from ipcbridge.errors import EngineError
+from ipcbridge.fence import Lease, caller_id
+from ipcbridge.hf import config_dict
 from ipcbridge.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -35,10 +37,8 @@ def _source(model: Any, seed: int) -> dict[str, Any]:
                 "directory written by save_pretrained"
             )
         return {"path": str(path.resolve())}
-    if isinstance(model, Mapping):
-        return {"config": dict(model), "seed": seed}
-    if hasattr(model, "to_dict"):
-        return {"config": model.to_dict(), "seed": seed}
+    if isinstance(model, Mapping) or hasattr(model, "to_dict"):
+        return {"config": config_dict(model), "seed": seed}  # JSON-safe: the source travels as JSON
     raise TypeError(f"LocalEngine takes a transformers config, a config dict or a local path, got {type(model).__name__}")
 
 
@@ -176,29 +176,32 @@ class LocalEngine:
         self, prompts: list[list[int]], max_tokens: int = 16, temperature: float = 0.0, seed: int | None = None
     ) -> list[GenerateOutput]:
         """Complete each prompt (token ids). Greedy at ``temperature=0``; ``seed`` makes sampling repeatable."""
-        result = self._call(
-            "generate",
-            {"prompts": prompts, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
-             "wait": self.request_timeout},
+        result = self._waiting_call(
+            "generate", {"prompts": prompts, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         )
         return [GenerateOutput(**r) for r in result]
 
     def score(self, prompt: list[int], completion: list[int]) -> list[float]:
         """The engine's logprob of each ``completion`` token after ``prompt`` (one full forward pass)."""
-        return list(self._call("score", {"prompt": prompt, "completion": completion, "wait": self.request_timeout}))
+        return list(self._waiting_call("score", {"prompt": prompt, "completion": completion}))
+
+    def _waiting_call(self, op: str, args: dict[str, Any]) -> Any:
+        """A request that may wait at the engine's pause gate. See Note [no hangs] for the two deadlines."""
+        args = {**args, "wait": self.request_timeout, "caller": caller_id()}
+        return self._call(op, args, timeout=self.request_timeout + protocol.REPLY_GRACE)
 
     def manifest(self) -> Manifest:
         return Manifest.from_dict(self._call("manifest"))
 
-    def pause(self, timeout: float | None = None) -> None:
-        self._call("pause", {"timeout": timeout or self.request_timeout})
-
-    def resume(self, weight_version: int) -> None:
-        self._call("resume", {"version": weight_version})
-
     @property
     def weight_version(self) -> int:
+        """The engine's weight version (it owns it: every resume moves it forward)."""
         return int(self._call("ping")["version"])
+
+    @property
+    def paused_by(self) -> str | None:
+        """Who holds the engine's pause, or ``None``."""
+        return self._call("ping")["holder"]
 
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
@@ -227,21 +230,33 @@ class LocalEngine:
 
 
 class LocalEndpoint:
-    """The bridge's view of a LocalEngine. Closing it leaves the engine running."""
+    """The bridge's view of a LocalEngine. Closing it leaves the engine running.
+
+    The engine keeps the lease (Note [pause gate] in :mod:`ipcbridge.engine.server`); ``drain`` bounds the
+    wait for in-flight generation once the pause is granted.
+    """
 
     name = "local-engine"
 
-    def __init__(self, engine: LocalEngine) -> None:
+    def __init__(self, engine: LocalEngine, drain: float | None = None) -> None:
         self.engine = engine
+        self.drain = engine.request_timeout if drain is None else drain
 
     def manifest(self) -> Manifest:
         return self.engine.manifest()
 
-    def pause(self) -> None:
-        self.engine.pause()
+    def pause(self, lease: Lease, wait: float) -> None:
+        deadline = wait + self.drain + protocol.REPLY_GRACE
+        self.engine._call("pause", {"lease": lease.to_dict(), "wait": wait, "drain": self.drain}, timeout=deadline)
 
-    def resume(self, weight_version: int) -> None:
-        self.engine.resume(weight_version)
+    def renew(self, lease: Lease) -> None:
+        self.engine._call("renew", {"lease": lease.to_dict()})
+
+    def resume(self, lease: Lease) -> int:
+        return int(self.engine._call("resume", {"lease": lease.to_dict()}))
+
+    def cancel(self, lease: Lease) -> None:
+        self.engine._call("cancel", {"lease": lease.to_dict()})
 
     def close(self) -> None:
         pass

@@ -8,6 +8,12 @@ Note [control channel security]
 Note [no hangs]
     Every client call has a deadline (socket timeout). A dead engine shows up as a refused connection or a
     closed socket, a hung one as a timeout; both become ``EngineError`` with the engine's last log lines.
+    A request that may wait inside the engine (at the pause gate, for a lease) tells the engine how long
+    it may wait, and the client's deadline is that plus :data:`REPLY_GRACE`: the engine's own explanation
+    ("paused by ...") always arrives before the client gives up.
+
+Replies are :mod:`ipcbridge.wire` envelopes (Note [the envelope]): an ipcbridge error raised in the
+engine (``MappingError``, ``FenceError``) arrives as that type; anything else as ``EngineError``.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import json
 import socket
 from typing import Any
 
+from ipcbridge import wire
 from ipcbridge.errors import EngineError
 
 #: A reply larger than this is refused: manifests of large models are a few MB.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Seconds a client waits beyond the wait it gave the engine. See Note [no hangs].
+REPLY_GRACE = 2.0
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -65,6 +74,4 @@ def call(path: str, token: str, op: str, args: dict[str, Any] | None = None, *, 
         raise EngineError(f"engine did not answer {op!r} within {timeout:.0f}s; it may be hung or overloaded") from None
     except (ConnectionError, OSError, ValueError) as e:
         raise EngineError(f"engine connection failed during {op!r}: {e}") from None
-    if not reply.get("ok"):
-        raise EngineError(f"engine refused {op!r}: {reply.get('error', 'no reason given')}")
-    return reply.get("result")
+    return wire.unwrap(reply, f"the engine ({op!r})", EngineError)

@@ -6,18 +6,15 @@ generates with a KV cache and a prefix cache, exports the same manifest a vLLM w
 pause/resume so a trainer can fence its updates.
 
 Note [pause gate]
-    ``pause`` closes the gate and waits until no generation is in flight; requests that arrive while paused
-    wait at the gate. ``resume(version)`` first drops the prefix cache (its KV was computed with the old
-    weights), then records the version and opens the gate. So every generation runs entirely on one weight
-    version, the one it reports.
+    The engine's pause is a lease (:class:`ipcbridge.fence.LeaseGate`; Note [owned, leased pauses]):
+    ``pause`` grants it to one trainer at a time, closes the gate and waits until no generation is in
+    flight; requests that arrive meanwhile wait at the gate, or fail with the holder's name. Only the
+    lease's id resumes it, and so does the watchdog when the lease runs out. Resuming first drops the prefix
+    cache (its KV was computed with the old weights), then moves the version forward (the engine owns
+    it) and opens the gate. So every generation runs entirely on one weight version, the one it reports.
 
-Note [streamed weights]
-    Where the trainer cannot map these weights (another GPU or node), ``ipcbridge.stream`` broadcasts its
-    own weights into them (``ipcbridge.transports.nccl``). ``stream_init`` joins the trainer's private
-    process group as rank 1, checks the trainer's plan against ``weights`` once and keeps it;
-    ``stream_receive`` (only while paused) receives every bucket and copies it into ``weights`` in place, so the HF model's views
-    and every exported handle see the new values. Any failure closes the group, which makes the trainer's
-    pending broadcasts fail at once rather than at the timeout.
+Where the trainer cannot map these weights, it streams its own into them: the engine's side of that is
+:class:`ipcbridge.stream.receiver.StreamReceiver` (Note [streamed weights] there).
 """
 
 from __future__ import annotations
@@ -34,83 +31,22 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ipcbridge import wire
 from ipcbridge.engine import protocol
+from ipcbridge.errors import EngineError, FenceError, IpcBridgeError
+from ipcbridge.fence import Lease, LeaseGate
+from ipcbridge.hf import load_hf_state_dict
+from ipcbridge.logprobs import sequence_logprobs
+from ipcbridge.stream.receiver import StreamReceiver
 
 logger = logging.getLogger("ipcbridge.engine.server")
 
 PREFIX_CACHE_SIZE = 64
-
-
-class Gate:
-    """In-flight counting with a pausable gate. See Note [pause gate]."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._paused = False
-        self._inflight = 0
-
-    @contextmanager
-    def enter(self, timeout: float) -> Iterator[None]:
-        with self._cv:
-            if not self._cv.wait_for(lambda: not self._paused, timeout):
-                raise TimeoutError(f"engine stayed paused for {timeout:.0f}s (is a trainer stuck in bridge.update()?)")
-            self._inflight += 1
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._inflight -= 1
-                self._cv.notify_all()
-
-    def pause(self, timeout: float) -> None:
-        with self._cv:
-            self._paused = True
-            if not self._cv.wait_for(lambda: self._inflight == 0, timeout):
-                self._paused = False
-                self._cv.notify_all()
-                raise TimeoutError(f"in-flight generation did not finish within {timeout:.0f}s")
-
-    def resume(self) -> None:
-        with self._cv:
-            self._paused = False
-            self._cv.notify_all()
-
-    @property
-    def paused(self) -> bool:
-        return self._paused
-
-
-def load_hf_state_dict(source: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(HF config, HF state dict) from ``{"config": {...}, "seed": n}`` or ``{"path": local_dir}``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ipcbridge.attach import to_hf_config
-
-    if "path" in source:
-        from safetensors.torch import load_file
-
-        path = Path(source["path"])
-        config = AutoConfig.from_pretrained(path)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {path}")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        if getattr(config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        return config, state
-    config = to_hf_config(source["config"])
-    torch.manual_seed(int(source.get("seed", 0)))
-    model = AutoModelForCausalLM.from_config(config)
-    return config, {n: p.detach() for n, p in model.named_parameters()}
 
 
 class Engine:
@@ -134,16 +70,12 @@ class Engine:
         self.model.requires_grad_(False)
         self.device = torch.device(device)
         self.version = 0
-        self.gate = Gate()
+        self.gate = LeaseGate(self._publish, name=f"the embedded engine (pid {os.getpid()})")
         self.lock = threading.Lock()  # one forward pass at a time
         self.prefix_cache: OrderedDict[tuple[int, ...], tuple[Any, torch.Tensor]] = OrderedDict()
         self.stats = {"requests": 0, "prefix_hits": 0, "prefix_drops": 0, "pauses": 0, "stream_receives": 0,
                       "stream_bytes": 0}
-        self.stream_group: Any = None  # a transports.nccl.TorchGroup while a trainer streams weights
-        self.stream_backend = ""
-        self.stream_id = ""  # chosen by the trainer: requests of a replaced stream must not use the new one
-        self.stream_plan: Any = None  # the transports.nccl.StreamPlan checked at stream_init
-        self.stream_lock = threading.Lock()  # one stream operation at a time
+        self.receiver = StreamReceiver(self.weights, self.device, self.stats)
 
     # -- generation ----------------------------------------------------------------------------------
 
@@ -182,7 +114,7 @@ class Engine:
         return {"token_ids": tokens, "logprobs": logprobs, "weight_version": self.version}
 
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int | None,
-                 wait: float) -> list[dict[str, Any]]:
+                 wait: float, caller: str = "") -> list[dict[str, Any]]:
         vocab = self.model.config.vocab_size
         for p in prompts:
             if not p or any(not isinstance(t, int) or not 0 <= t < vocab for t in p):
@@ -190,122 +122,45 @@ class Engine:
         generator = None
         if temperature > 0:
             generator = torch.Generator().manual_seed(seed if seed is not None else self.stats["requests"])
-        with self.gate.enter(wait), self.lock:
+        with self.gate.enter(caller, wait), self.lock:
             self.stats["requests"] += 1
             return [self.generate_one(p, max_tokens, temperature, generator) for p in prompts]
 
-    def score(self, prompt: list[int], completion: list[int], wait: float) -> list[float]:
+    def score(self, prompt: list[int], completion: list[int], wait: float, caller: str = "") -> list[float]:
         """Logprobs of ``completion`` after ``prompt`` from one full forward pass (no caches)."""
-        from ipcbridge.bridge import sequence_logprobs
-
-        with self.gate.enter(wait), self.lock:
+        with self.gate.enter(caller, wait), self.lock:
             return sequence_logprobs(self.model, prompt, completion)
 
     # -- weight updates ------------------------------------------------------------------------------
 
-    def pause(self, timeout: float) -> None:
-        self.gate.pause(timeout)
+    def pause(self, lease: Lease, wait: float, drain: float) -> None:
+        self.gate.acquire(lease, wait, drain)
         self.stats["pauses"] += 1
 
-    def resume(self, version: int) -> None:
+    def _publish(self, reason: str) -> int:
+        """Step 4 of Note [the fence], called by the gate with its lock held: no generation runs."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats["prefix_drops"] += len(self.prefix_cache)
         self.prefix_cache.clear()
-        self.version = version
-        self.gate.resume()
+        self.version += 1
+        logger.info("weight version %d (%s)", self.version, reason)
+        return self.version
 
     def manifest(self) -> dict[str, Any]:
         return self.export_manifest.replace(weight_version=self.version).to_dict()
 
-    # -- streamed weights (Note [streamed weights]) --------------------------------------------------
-
-    def _check_plan(self, plan: Any) -> None:
-        slots = {s.name: s for s in plan.slots}
-        missing = sorted(self.weights.keys() - slots.keys())
-        extra = sorted(slots.keys() - self.weights.keys())
-        if missing or extra:
-            raise ValueError(
-                f"the stream plan does not cover this engine's weights: missing {missing[:8]}, unknown "
-                f"{extra[:8]}; build it from this engine's manifest"
-            )
-        for name, t in self.weights.items():
-            s = slots[name]
-            if s.shape != tuple(t.shape) or s.torch_dtype != t.dtype:
-                raise ValueError(
-                    f"{name}: the stream plan has {s.dtype} {list(s.shape)}, this engine holds {t.dtype} "
-                    f"{list(t.shape)}; build the plan from this engine's manifest"
-                )
+    # -- streamed weights (Note [streamed weights] in ipcbridge.stream.receiver) -----------------------
 
     def stream_init(self, stream_id: str, host: str, port: int, backend: str, timeout: float,
                     plan: dict[str, Any]) -> None:
-        from ipcbridge.transports import nccl
-
-        with self.stream_lock:
-            checked = nccl.StreamPlan.from_dict(plan)
-            self._check_plan(checked)
-            nccl.check_backend(backend, self.device if backend == "nccl" else "cpu")
-            self._close_stream()  # a new trainer replaces the previous one
-            store = nccl.client_store(host, port, timeout)
-            # Tells the trainer its request passed the checks, so it may block joining the group.
-            store.set(nccl.READY_KEY, "1")
-            self.stream_group = nccl.TorchGroup.join(store, 1, 2, backend, timeout, host)
-            self.stream_backend, self.stream_id, self.stream_plan = backend, stream_id, checked
-
-    def _load(self, views: dict[str, torch.Tensor]) -> None:
-        for name, view in views.items():
-            self.weights[name].copy_(view)
+        self.receiver.init(stream_id, host, port, backend, timeout, plan)
 
     def stream_receive(self, stream_id: str) -> dict[str, Any]:
-        from ipcbridge.transports import nccl
-
-        with self.stream_lock:
-            group = self.stream_group
-            if group is None or stream_id != self.stream_id:
-                raise RuntimeError(
-                    "this weight stream is not open in the engine (closed after a failure, or replaced by a newer "
-                    "ipcbridge.stream()); open a new stream"
-                )
-            t0 = time.perf_counter()
-            error = None
-            try:
-                if not self.gate.paused:
-                    raise RuntimeError("weights can be streamed in only while the engine is paused; pause first")
-                device = self.device if self.stream_backend == "nccl" else torch.device("cpu")
-                with self.lock:
-                    nbytes = nccl.receive(group, self.stream_plan, self._load, device=device)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-            except Exception as e:
-                error = f"{type(e).__name__}: {e}"
-            del group
-            if error is not None:
-                # Outside the except block, so no traceback keeps the failed group (and its connections) alive.
-                self._close_stream(abort=True)
-                raise RuntimeError(f"receiving streamed weights failed, stream closed: {error}")
-            self.stats["stream_receives"] += 1
-            self.stats["stream_bytes"] += nbytes
-            return {"bytes": nbytes, "seconds": time.perf_counter() - t0}
-
-    def _close_stream(self, abort: bool = False) -> None:
-        group, self.stream_group = self.stream_group, None
-        if group is not None:
-            group.close(abort=abort)
-            logger.info("weight stream closed")
+        return self.receiver.receive(stream_id, paused=self.gate.paused, lock=self.lock)
 
     def stream_close(self, stream_id: str | None = None, wait: float = -1) -> None:
-        """Leave the trainer's group (only if it is ``stream_id``'s; any with ``None``).
-
-        ``wait``: seconds to wait for a running stream operation (-1: no limit).
-        """
-        if not self.stream_lock.acquire(timeout=wait):
-            logger.warning("a stream operation is still running; not closing its group")
-            return
-        try:
-            if stream_id is None or stream_id == self.stream_id:
-                self._close_stream()
-        finally:
-            self.stream_lock.release()
+        self.receiver.close(stream_id, wait)
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):
@@ -320,59 +175,80 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             msg = protocol.read_message(self.request)
         except (ConnectionError, ValueError) as e:
-            self._reply({"ok": False, "error": f"bad request: {e}"})
+            self._reply(wire.reply_error(ValueError(f"bad request: {e}")))
             return
         if not protocol.token_ok(msg.get("token"), server.token):
             logger.warning("refused a request with a wrong token")
-            self._reply({"ok": False, "error": "wrong token: use the token of the engine you started"})
+            self._reply(wire.reply_error(EngineError("wrong token: use the token of the engine you started")))
             return
         op, args = msg.get("op"), msg.get("args") or {}
         try:
-            result = self.dispatch(server, op, args)
-        except Exception as e:  # the reply carries it to the client, which raises EngineError
-            logger.exception("request %r failed", op)
-            self._reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
+            result = _dispatch(server, op, args)
+        except IpcBridgeError as e:  # the library's own refusals: the message says it all
+            logger.info("request %r refused: %s", op, e)
+            self._reply(wire.reply_error(e))
             return
-        self._reply({"ok": True, "result": result})
-
-    def dispatch(self, server: _Server, op: Any, args: dict[str, Any]) -> Any:
-        engine = server.engine
-        if op == "ping":
-            return {"pid": os.getpid(), "version": engine.version, "paused": engine.gate.paused}
-        if op == "manifest":
-            return engine.manifest()
-        if op == "generate":
-            return engine.generate(
-                [list(p) for p in args["prompts"]], int(args.get("max_tokens", 16)),
-                float(args.get("temperature", 0.0)), args.get("seed"), float(args.get("wait", 60.0)),
-            )
-        if op == "score":
-            return engine.score(list(args["prompt"]), list(args["completion"]), float(args.get("wait", 60.0)))
-        if op == "pause":
-            engine.pause(float(args.get("timeout", 60.0)))
-            return None
-        if op == "resume":
-            engine.resume(int(args["version"]))
-            return None
-        if op == "stream_init":
-            engine.stream_init(str(args["stream_id"]), str(args["host"]), int(args["port"]), str(args["backend"]),
-                               float(args["timeout"]), args["plan"])
-            return None
-        if op == "stream_receive":
-            return engine.stream_receive(str(args["stream_id"]))
-        if op == "stream_close":
-            engine.stream_close(str(args["stream_id"]))
-            return None
-        if op == "stats":
-            return {**engine.stats, "version": engine.version, "prefix_cache": len(engine.prefix_cache)}
-        if op == "shutdown":
-            threading.Thread(target=server.shutdown, daemon=True).start()
-            return None
-        raise ValueError(f"unknown op {op!r}")
+        except Exception as e:  # the envelope carries it to the client (Note [the envelope])
+            logger.exception("request %r failed", op)
+            self._reply(wire.reply_error(e))
+            return
+        self._reply(wire.reply_ok(result))
 
     def _reply(self, msg: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):  # the client went away; nothing to tell
             self.request.sendall(protocol.encode(msg))
+
+
+def _lease(args: dict[str, Any]) -> Lease:
+    d = args.get("lease")
+    if not isinstance(d, dict):
+        raise FenceError("the request carries no lease; use the same ipcbridge version in the engine and the trainer")
+    return Lease(id=d.get("id"), holder=d.get("holder"), seconds=d.get("seconds"), caller=d.get("caller"))
+
+
+def _generation_ops(engine: Engine, op: str, args: dict[str, Any]) -> Any:
+    wait, caller = float(args.get("wait", 60.0)), str(args.get("caller", ""))
+    if op == "generate":
+        return engine.generate([list(p) for p in args["prompts"]], int(args.get("max_tokens", 16)),
+                               float(args.get("temperature", 0.0)), args.get("seed"), wait, caller)
+    return engine.score(list(args["prompt"]), list(args["completion"]), wait, caller)
+
+
+def _fence_ops(engine: Engine, op: str, args: dict[str, Any]) -> Any:
+    lease = _lease(args)
+    if op == "pause":
+        return engine.pause(lease, float(args.get("wait", 60.0)), float(args.get("drain", 60.0)))
+    if op == "renew":
+        return engine.gate.renew(lease.id)
+    if op == "resume":
+        return engine.gate.release(lease.id)
+    return engine.gate.cancel(lease.id)
+
+
+def _dispatch(server: _Server, op: Any, args: dict[str, Any]) -> Any:
+    engine = server.engine
+    if op == "ping":
+        return {"pid": os.getpid(), "version": engine.version, "paused": engine.gate.paused,
+                "holder": engine.gate.holder}
+    if op == "manifest":
+        return engine.manifest()
+    if op in ("generate", "score"):
+        return _generation_ops(engine, op, args)
+    if op in ("pause", "renew", "resume", "cancel"):
+        return _fence_ops(engine, op, args)
+    if op == "stream_init":
+        return engine.stream_init(str(args["stream_id"]), str(args["host"]), int(args["port"]),
+                                  str(args["backend"]), float(args["timeout"]), args["plan"])
+    if op == "stream_receive":
+        return engine.stream_receive(str(args["stream_id"]))
+    if op == "stream_close":
+        return engine.stream_close(str(args["stream_id"]))
+    if op == "stats":
+        return {**engine.stats, "version": engine.version, "prefix_cache": len(engine.prefix_cache)}
+    if op == "shutdown":
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        return None
+    raise ValueError(f"unknown op {op!r}")
 
 
 def _exit_with_parent(server: _Server, parent: int, workdir: str) -> None:

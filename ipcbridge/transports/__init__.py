@@ -1,12 +1,13 @@
-"""Transports: how a storage's memory reaches another process.
+"""Sharing transports: how a storage's memory reaches another process without a copy.
 
-One module per transport, loaded lazily by module path so that importing ipcbridge never initialises CUDA
-or NCCL. A *sharing* transport (``cuda_ipc``, ``shm``) maps the producer's memory; each module has a
-``reduce_storage(storage) -> Spec`` / ``rebuild_storage(spec) -> UntypedStorage`` pair in the style of
-``torch.multiprocessing.reductions`` and a frozen ``Spec`` dataclass that crosses the process boundary as
-part of a :class:`~ipcbridge.manifest.Manifest`. A *streaming* transport (``nccl``: NCCL on CUDA, gloo on
-CPU) copies trainer-owned weights into the engine's where memory cannot be shared; it never appears in a
-manifest, so it has a registry of its own (:data:`STREAMING`, :func:`get_streaming`).
+One module per transport (``cuda_ipc``, ``shm``), loaded lazily by module path so that importing ipcbridge
+never initialises CUDA. Each maps the producer's memory: a ``reduce_storage(storage) -> Spec`` /
+``rebuild_storage(spec) -> UntypedStorage`` pair in the style of ``torch.multiprocessing.reductions`` and a
+frozen ``Spec`` dataclass that crosses the process boundary as part of a
+:class:`~ipcbridge.manifest.Manifest`, which names the transport by its kind.
+
+Copying trainer-owned weights into the engine's where memory cannot be shared is not a transport in this
+sense (it never appears in a manifest): it lives in :mod:`ipcbridge.stream`.
 """
 
 from __future__ import annotations
@@ -17,31 +18,22 @@ from typing import Any
 
 import torch
 
-from ipcbridge.errors import BridgeError, ManifestError
+from ipcbridge.errors import ManifestError
 
-#: kind -> module implementing it. Sharing transports appear in manifests.
+#: kind -> module implementing it: the storage kinds a manifest may name.
 REGISTRY: dict[str, str] = {
     "cuda_ipc": "ipcbridge.transports.cuda_ipc",
     "shm": "ipcbridge.transports.shm",
 }
 
-#: kind -> module implementing a streaming transport (``ipcbridge.stream``). Never named by manifests.
-STREAMING: dict[str, str] = {
-    "nccl": "ipcbridge.transports.nccl",
-}
-
-
-def _load(registry: dict[str, str], kind: str, error: type[Exception], what: str) -> ModuleType:
-    try:
-        path = registry[kind]
-    except KeyError:
-        raise error(f"unknown {what} {kind!r}; known: {sorted(registry)}") from None
-    return importlib.import_module(path)
-
 
 def get(kind: str) -> ModuleType:
     """The sharing transport module for ``kind`` (a manifest's storage kind)."""
-    return _load(REGISTRY, kind, ManifestError, "transport")
+    try:
+        path = REGISTRY[kind]
+    except KeyError:
+        raise ManifestError(f"unknown transport {kind!r}; known: {sorted(REGISTRY)}") from None
+    return importlib.import_module(path)
 
 
 def for_device(device: torch.device) -> ModuleType:
@@ -60,7 +52,3 @@ def storage_spec_from_dict(d: Any, where: str) -> Any:
         raise ManifestError(f"{where}: expected an object with a string field 'kind'")
     return get(d["kind"]).Spec.from_dict(d, where)
 
-
-def get_streaming(kind: str) -> ModuleType:
-    """The streaming transport module for ``kind`` (``"nccl"``, which also runs gloo on CPU)."""
-    return _load(STREAMING, kind, BridgeError, "streaming transport")

@@ -16,37 +16,18 @@ engine exits; ``VllmEngine.__exit__`` releases this process's CUDA IPC mappings 
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import os
 import shutil
 import tempfile
 from typing import Any
 
 from ipcbridge.engine.types import GenerateOutput
 from ipcbridge.errors import BridgeError, MappingError
-from ipcbridge.mapping.archs import cfg, head_dim
-from ipcbridge.vllm.extension import EXTENSION_QUALNAME
+from ipcbridge.hf import config_value, head_dim, write_model_dir
+from ipcbridge.vllm.extension import EXTENSION_QUALNAME, extension_class, is_ipcbridge_extension
+from ipcbridge.vllm.testing import TESTING_EXTENSION_QUALNAME, TestingWorkerExtension
 
 logger = logging.getLogger(__name__)
-
-
-def write_model_dir(config: Any, path: str) -> str:
-    """Write ``config`` (a transformers config, or its dict) as ``path/config.json``; return ``path``."""
-    if hasattr(config, "save_pretrained"):
-        if not getattr(config, "architectures", None):
-            config.architectures = [_architecture(config.model_type)]
-        config.save_pretrained(path)
-        return path
-    if isinstance(config, dict):
-        d = dict(config)
-        if "model_type" not in d:
-            raise BridgeError("the config dict has no 'model_type'; pass a transformers config or its to_dict()")
-        d.setdefault("architectures", [_architecture(d["model_type"])])
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(d, f)
-        return path
-    raise TypeError(f"config must be a transformers config, a dict, or a path, got {type(config).__name__}")
 
 
 def _head_dim(config: Any) -> int:
@@ -54,15 +35,6 @@ def _head_dim(config: Any) -> int:
         return head_dim(config)
     except MappingError:
         return 64  # vLLM reports a malformed config itself, with its own message
-
-
-def _architecture(model_type: str) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(model_type))].__name__
-    except (KeyError, ValueError):
-        raise BridgeError(f"transformers has no causal LM for model_type {model_type!r}") from None
 
 
 class VllmEngine:
@@ -103,14 +75,23 @@ class VllmEngine:
 
     @property
     def weight_version(self) -> int:
-        """The weight version last published to the engine by a fence (0 before any update)."""
+        """The weight version this engine's endpoint last saw (its manifest's, then each fence's resume)."""
         return 0 if self._endpoint is None else self._endpoint.weight_version
 
-    def start(self) -> VllmEngine:
-        from vllm import LLM
+    @property
+    def reinit(self) -> bool:
+        """Whether :meth:`start` overwrites vLLM's dummy weights (``init="hf"`` on a bare config)."""
+        return not isinstance(self.config_or_path, str) and self.init == "hf"
 
+    def llm_kwargs_for_start(self) -> tuple[str, dict[str, Any]]:
+        """(model, ``vllm.LLM`` keyword arguments); writes a bare config to a temporary model directory.
+
+        The worker extension is :class:`~ipcbridge.vllm.testing.TestingWorkerExtension` when the weights
+        must be re-initialised, :class:`~ipcbridge.vllm.WorkerExtension` otherwise; ``llm_kwargs`` may name
+        any subclass of it.
+        """
         kwargs: dict[str, Any] = {
-            "worker_extension_cls": EXTENSION_QUALNAME,
+            "worker_extension_cls": TESTING_EXTENSION_QUALNAME if self.reinit else EXTENSION_QUALNAME,
             "enforce_eager": True,
             "skip_tokenizer_init": True,
             "gpu_memory_utilization": self.gpu_memory_utilization,
@@ -124,22 +105,40 @@ class VllmEngine:
             model = self.config_or_path
         else:
             # vLLM refuses a max_model_len beyond the config's positions; tiny demo configs have few.
-            limit = cfg(self.config_or_path, "max_position_embeddings", None)
+            limit = config_value(self.config_or_path, "max_position_embeddings", None)
             if isinstance(limit, int) and limit < kwargs["max_model_len"]:
                 kwargs["max_model_len"] = limit
             # vLLM's Triton attention needs head_dim >= 32; FlexAttention takes any (slower, fine for toys).
             if _head_dim(self.config_or_path) < 32:
                 kwargs["attention_backend"] = "FLEX_ATTENTION"
-            self._tmpdir = tempfile.mkdtemp(prefix="ipcbridge-vllm-")
+            if self._tmpdir is None:
+                self._tmpdir = tempfile.mkdtemp(prefix="ipcbridge-vllm-")
             model = write_model_dir(self.config_or_path, self._tmpdir)
             kwargs["load_format"] = "dummy"
         kwargs.update(self.llm_kwargs)
-        if kwargs.get("worker_extension_cls") != EXTENSION_QUALNAME:
-            raise BridgeError(f"VllmEngine needs worker_extension_cls={EXTENSION_QUALNAME!r}")
+        self._check_extension(kwargs.get("worker_extension_cls"))
+        return model, kwargs
+
+    def _check_extension(self, ext: Any) -> None:
+        if not is_ipcbridge_extension(ext):
+            raise BridgeError(
+                f"VllmEngine needs worker_extension_cls={EXTENSION_QUALNAME!r} or a subclass of it, got {ext!r}"
+            )
+        cls = extension_class(ext)
+        if self.reinit and not (cls is not None and issubclass(cls, TestingWorkerExtension)):
+            raise BridgeError(
+                f"VllmEngine(init='hf') re-initialises the weights through {TESTING_EXTENSION_QUALNAME}, but "
+                f"worker_extension_cls={ext!r}; pass init='dummy', or leave worker_extension_cls unset"
+            )
+
+    def start(self) -> VllmEngine:
+        from vllm import LLM
+
+        model, kwargs = self.llm_kwargs_for_start()
         logger.info("starting vllm.LLM(%s) with %s", model, kwargs)
         self.llm = LLM(model=model, **kwargs)
-        if self._tmpdir is not None and self.init == "hf":
-            std = cfg(self.config_or_path, "initializer_range", None) or 0.02
+        if self.reinit:
+            std = config_value(self.config_or_path, "initializer_range", None) or 0.02
             self.ipcbridge_endpoint().rpc("ipcbridge_init_weights", self.seed, float(std))
         return self
 

@@ -1,21 +1,27 @@
 """Endpoints for in-process vLLM engines: the offline ``vllm.LLM`` and ``AsyncLLM``.
 
 Both reach the worker with ``collective_rpc`` (the model lives in the EngineCore child process under V1
-multiprocessing, the default, so attaching is truly cross-process).
+multiprocessing, the default, so attaching is truly cross-process). Everything they share with the HTTP
+endpoint is in :class:`~ipcbridge.vllm.base.VllmEndpoint`.
 
 Note [the LLM fence]
     ``LLM.generate`` blocks its caller until every request is done, so in a single-threaded trainer nothing
-    is generating while ``optimizer.step()`` runs: ``pause`` has nothing to wait for. ``resume`` drops the
-    prefix cache (KV blocks computed with the old weights must not be reused by the next prompt with the
-    same prefix) and records the weight version in the worker. Calling ``generate`` from another thread
-    while updating is unsupported: use ``AsyncLLM`` or ``vllm serve``, whose pause really waits.
+    is generating while ``optimizer.step()`` runs: ``engine_pause`` has nothing to do, and the lease (kept
+    in this process, one gate per ``LLM`` object) is the whole pause. Two bridges on one ``LLM`` share that
+    gate, so their fences never interleave. ``engine_resume`` drops the prefix cache and publishes the next
+    weight version in the worker; there is no generation to resume. Calling ``generate`` from another
+    thread while updating is unsupported (nothing makes it wait): use ``AsyncLLM`` or ``vllm serve``, whose
+    pause really waits. If the trainer dies mid-fence, the engine dies with it (same process).
 
 Note [AsyncLLM from synchronous code]
     ``AsyncLLM``'s methods are coroutines bound to the event loop the engine runs in (its output handler
     task lives there). ``connect``/``bridge.update()`` are synchronous, so this endpoint submits each
     coroutine to that loop with ``run_coroutine_threadsafe`` and waits. It must therefore be called from
     another thread than the loop's: ``await asyncio.to_thread(ipcbridge.connect, engine)`` and
-    ``await asyncio.to_thread(train_step)``. Called on the loop's own thread it would deadlock, so it raises.
+    ``await asyncio.to_thread(train_step)``. Called on the loop's own thread it would deadlock, so it raises
+    (before taking any lease). The pause is ``pause_generation(mode="wait")``: in-flight requests finish on
+    the old weights, new ones are held until ``resume_generation``. A trainer thread that hangs inside the
+    fence is resumed by the lease watchdog when its lease runs out.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ipcbridge.errors import BridgeError
-from ipcbridge.manifest import Manifest
-from ipcbridge.vllm.extension import EXTENSION_QUALNAME, EngineFacts, Reply, refusal_reason
+from ipcbridge.fence import Lease
+from ipcbridge.vllm.base import VllmEndpoint
+from ipcbridge.vllm.extension import EXTENSION_QUALNAME, is_ipcbridge_extension
+from ipcbridge.vllm.policy import EngineFacts, refusal_reason
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +45,7 @@ logger = logging.getLogger(__name__)
 def _check_engine_config(vllm_config: Any, what: str) -> None:
     """Refuse early, in the driver, what the worker would refuse (Note [what cannot be aliased])."""
     ext = getattr(vllm_config.parallel_config, "worker_extension_cls", "") or ""
-    if ext != EXTENSION_QUALNAME:
+    if not is_ipcbridge_extension(ext):
         raise BridgeError(
             f"this {what} was started without ipcbridge's worker extension (worker_extension_cls={ext!r}); "
             f"start it with worker_extension_cls={EXTENSION_QUALNAME!r} so the worker can export its weights"
@@ -46,16 +54,6 @@ def _check_engine_config(vllm_config: Any, what: str) -> None:
     reason = refusal_reason(EngineFacts.from_vllm_config(vllm_config, environ={}))
     if reason:
         raise BridgeError(reason)
-
-
-def _single(results: Any, method: str) -> Reply:
-    if not isinstance(results, list) or len(results) != 1:
-        n = len(results) if isinstance(results, list) else results
-        raise BridgeError(
-            f"collective_rpc({method!r}) answered from {n} workers; ipcbridge attaches to one worker "
-            "(tensor_parallel_size=1, pipeline_parallel_size=1)"
-        )
-    return Reply.from_json(results[0])
 
 
 def greedy_params(max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Any:
@@ -85,25 +83,7 @@ def completion_logprobs(completion: Any) -> tuple[list[int], list[float]]:
     return tokens, [float(lps[i][t].logprob) for i, t in enumerate(tokens)]
 
 
-class _WorkerCalls:
-    """What both in-process endpoints ask the worker's :class:`WorkerExtension`, through their ``rpc``."""
-
-    weight_version: int
-
-    def rpc(self, method: str, *args: Any) -> Any:
-        raise NotImplementedError
-
-    def manifest(self) -> Manifest:
-        m = Manifest.from_dict(self.rpc("ipcbridge_manifest"))
-        self.weight_version = m.weight_version
-        return m
-
-    def engine_weight_version(self) -> int:
-        """The weight version the worker holds (asks the worker)."""
-        return int(self.rpc("ipcbridge_weight_version"))
-
-
-class LLMEndpoint(_WorkerCalls):
+class LLMEndpoint(VllmEndpoint):
     """The control channel of an offline ``vllm.LLM``. See Note [the LLM fence]."""
 
     name = "vllm-llm"
@@ -111,29 +91,27 @@ class LLMEndpoint(_WorkerCalls):
     def __init__(self, llm: Any, timeout: float | None = 300.0) -> None:
         _check_engine_config(llm.llm_engine.vllm_config, "vllm.LLM")
         self.llm = llm
+        self.gate_key = llm
         self.timeout = timeout
-        #: The version last published to the worker (mirrors the worker's counter).
         self.weight_version = 0
 
-    def rpc(self, method: str, *args: Any) -> Any:
+    def collective_rpc(self, method: str, *args: Any) -> Any:
         try:
-            results = self.llm.collective_rpc(method, timeout=self.timeout, args=args)
+            return self.llm.collective_rpc(method, timeout=self.timeout, args=args)
         except Exception as e:
             raise BridgeError(
                 f"collective_rpc({method!r}) failed in the vLLM engine: {e}. Is the engine alive and started "
                 f"with worker_extension_cls={EXTENSION_QUALNAME!r}?"
             ) from e
-        return _single(results, method).unwrap()
 
-    def pause(self) -> None:
+    def engine_pause(self) -> None:
         pass  # Note [the LLM fence]: LLM.generate is blocking, nothing is in flight.
 
-    def resume(self, weight_version: int) -> None:
+    def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
-        self.weight_version = self.rpc("ipcbridge_set_weight_version", int(weight_version))
 
-    def info(self) -> dict[str, Any]:
-        return self.rpc("ipcbridge_info")
+    def resume_generation(self) -> None:
+        pass  # nothing was paused in the engine
 
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
                  seed: int | None = None) -> list[tuple[list[int], list[float]]]:
@@ -150,57 +128,62 @@ class LLMEndpoint(_WorkerCalls):
     def sample(self, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
         return self.generate([prompt], max_tokens)[0]
 
-    def close(self) -> None:
-        pass
+
+def _engine_loop(engine: Any, loop: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop:
+    """The event loop ``engine`` runs on: ``loop``, its output handler's, or the running one."""
+    if loop is None:
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None:
+            loop = handler.get_loop()
+        else:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+    if loop is None:
+        raise BridgeError(
+            "this AsyncLLM is not bound to an event loop yet; create it inside a running loop "
+            "(asyncio.run(main())) and call `await asyncio.to_thread(ipcbridge.connect, engine)`, or pass "
+            "loop= to AsyncLLMEndpoint"
+        )
+    return loop
 
 
-class AsyncLLMEndpoint(_WorkerCalls):
-    """The control channel of an in-process ``AsyncLLM``. See Note [AsyncLLM from synchronous code].
-
-    The fence: ``pause_generation(mode="wait")`` lets in-flight requests finish on the old weights and holds
-    new ones; ``resume`` resets the prefix cache, records the version in the worker and resumes.
-    """
+class AsyncLLMEndpoint(VllmEndpoint):
+    """The control channel of an in-process ``AsyncLLM``. See Note [AsyncLLM from synchronous code]."""
 
     name = "vllm-async-llm"
+    where = "the AsyncLLM worker"
 
     def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop | None = None,
                  timeout: float | None = 600.0) -> None:
         _check_engine_config(engine.vllm_config, "AsyncLLM")
         self.engine = engine
+        self.gate_key = engine
         self.timeout = timeout
         self.weight_version = 0
-        if loop is None:
-            handler = getattr(engine, "output_handler", None)
-            if handler is not None:
-                loop = handler.get_loop()
-            else:
-                try:
-                    loop = asyncio.get_running_loop()
-                except RuntimeError:
-                    loop = None
-        if loop is None:
-            raise BridgeError(
-                "this AsyncLLM is not bound to an event loop yet; create it inside a running loop "
-                "(asyncio.run(main())) and call `await asyncio.to_thread(ipcbridge.connect, engine)`, or pass "
-                "loop= to AsyncLLMEndpoint"
-            )
-        self.loop = loop
+        self.loop = _engine_loop(engine, loop)
 
-    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+    def _check_thread(self) -> None:
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is self.loop:
-            coro.close()
             raise BridgeError(
                 "ipcbridge's AsyncLLM endpoint was called on the engine's own event-loop thread, where waiting "
                 "would deadlock; call it from a worker thread: `await asyncio.to_thread(ipcbridge.connect, "
                 "engine)` and `await asyncio.to_thread(train_step)`"
             )
-        if self.loop.is_closed() or not self.loop.is_running():
+
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            self._check_thread()
+            if self.loop.is_closed() or not self.loop.is_running():
+                raise BridgeError("the AsyncLLM's event loop is not running; the engine has stopped")
+        except BridgeError:
             coro.close()
-            raise BridgeError("the AsyncLLM's event loop is not running; the engine has stopped")
+            raise
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(self.timeout)
@@ -208,25 +191,26 @@ class AsyncLLMEndpoint(_WorkerCalls):
             future.cancel()
             raise BridgeError(f"AsyncLLM did not answer within {self.timeout}s") from None
 
-    def rpc(self, method: str, *args: Any) -> Any:
+    def collective_rpc(self, method: str, *args: Any) -> Any:
         try:
-            results = self._run(self.engine.collective_rpc(method, timeout=self.timeout, args=args))
+            return self._run(self.engine.collective_rpc(method, timeout=self.timeout, args=args))
         except BridgeError:
             raise
         except Exception as e:
             raise BridgeError(f"collective_rpc({method!r}) failed in the AsyncLLM engine: {e}") from e
-        return _single(results, method).unwrap()
 
-    def pause(self) -> None:
+    def pause(self, lease: Lease, wait: float) -> None:
+        self._check_thread()  # refuse on the loop's thread before taking the lease
+        super().pause(lease, wait)
+
+    def engine_pause(self) -> None:
         self._run(self.engine.pause_generation(mode="wait"))
 
-    def resume(self, weight_version: int) -> None:
-        try:
-            self._run(self.engine.reset_prefix_cache())
-            self.weight_version = self.rpc("ipcbridge_set_weight_version", int(weight_version))
-        finally:
-            # Never leave the engine paused, even if the bookkeeping failed.
-            self._run(self.engine.resume_generation())
+    def reset_prefix_cache(self) -> None:
+        self._run(self.engine.reset_prefix_cache())
+
+    def resume_generation(self) -> None:
+        self._run(self.engine.resume_generation())
 
     async def _generate(self, prompt: list[int], params: Any) -> tuple[list[int], list[float]]:
         final = None
@@ -239,9 +223,6 @@ class AsyncLLMEndpoint(_WorkerCalls):
 
     def sample(self, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
         return self._run(self._generate(prompt, greedy_params(max_tokens)))
-
-    def close(self) -> None:
-        pass
 
 
 def endpoint_for(target: Any) -> LLMEndpoint | AsyncLLMEndpoint:
@@ -257,4 +238,3 @@ def endpoint_for(target: Any) -> LLMEndpoint | AsyncLLMEndpoint:
         f"ipcbridge cannot connect to a {type(target).__module__}.{type(target).__name__}; pass a vllm.LLM, "
         "an AsyncLLM, or the http://host:port of `vllm serve`"
     )
-

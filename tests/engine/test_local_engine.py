@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference_model, tiny_config
 
 import ipcbridge
 from ipcbridge import EngineError
-from ipcbridge.bridge import greedy
 from ipcbridge.engine import protocol
+from ipcbridge.logprobs import greedy
+from tests.helpers import reference_model, tiny_config
 
 PROMPT = [3, 14, 15, 92]
 
@@ -178,7 +178,7 @@ def test_engine_exits_and_cleans_up_when_its_trainer_dies() -> None:
     code = (
         "import sys, os, ipcbridge\n"
         "sys.path.insert(0, os.path.join(os.getcwd(), 'tests'))\n"
-        "from conftest import tiny_config\n"
+        "from tests.helpers import tiny_config\n"
         "e = ipcbridge.LocalEngine(tiny_config('llama'), device='cpu')\n"
         "print(e.pid, os.path.dirname(e.socket_path), flush=True)\n"
         "os.kill(os.getpid(), 9)\n"

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
 
 import ipcbridge
-from ipcbridge.bridge import sequence_logprobs, trainer_weight_bytes
+from ipcbridge.logprobs import sequence_logprobs
+from tests.helpers import tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,7 +38,7 @@ def test_attach_over_cuda_ipc_allocates_no_weight_memory(engine) -> None:
     print(f"\ncuda_ipc attach: {bridge.attach_seconds * 1e3:.1f} ms, memory_allocated delta {delta} B "
           f"(rotary buffers), model weights {report.model_weight_bytes} B, parity max {report.logprob_max_abs_diff}")
     assert bridge.transport == "cuda_ipc" and engine.pid != os.getpid()
-    assert report.ok and report.trainer_weight_bytes == 0 == trainer_weight_bytes(bridge.model)
+    assert report.ok and report.trainer_weight_bytes == 0 == bridge.trainer_weight_bytes()
     assert delta < 0.01 * report.model_weight_bytes
     assert {p.device.type for p in bridge.model.parameters()} == {"cuda"}
     bridge.close()

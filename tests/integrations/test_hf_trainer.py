@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
 
 import ipcbridge
 from ipcbridge import BridgeError
 from ipcbridge.integrations.hf_trainer import BridgeCallback
+from tests.helpers import tiny_config
 
 PROMPT = [3, 14, 15, 92]
 
@@ -49,3 +49,35 @@ def test_training_a_different_model_is_refused() -> None:
     other = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(BridgeError, match=r"pass model=bridge\.model"):
         BridgeCallback(bridge).on_train_begin(None, None, None, model=other)
+
+
+class _BoomAdamW(torch.optim.AdamW):
+    """An optimizer whose second step raises, as a NaN check or an OOM would."""
+
+    steps = 0
+
+    def step(self, closure=None):
+        type(self).steps += 1
+        if type(self).steps == 2:
+            raise RuntimeError("boom in optimizer.step")
+        return super().step(closure)
+
+
+def test_a_step_that_raises_releases_the_pause(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    with ipcbridge.LocalEngine(tiny_config("llama"), device="cpu") as engine:
+        bridge = ipcbridge.connect(engine)
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+            report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        )
+        opt = _BoomAdamW(bridge.model.parameters(), lr=1e-3)
+        trainer = Trainer(model=bridge.model, args=args, train_dataset=_Data(), optimizers=(opt, None),
+                          callbacks=[BridgeCallback(bridge)])
+        with pytest.raises(RuntimeError, match=r"boom in optimizer\.step"):
+            trainer.train()
+        assert engine.paused_by is None  # released at once, not at the lease's end
+        assert engine.weight_version == bridge.weight_version == 2  # both fences resumed, each moved it
+        engine.generate([PROMPT], max_tokens=2)
+        bridge.close()

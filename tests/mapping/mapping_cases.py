@@ -1,4 +1,5 @@
-"""Tiny configs for every mapped architecture, shared by the mapping and checkpoint tests.
+"""Tiny configs for every mapped architecture, shared by the mapping and checkpoint tests, and the weights
+built from them (cached, so the mapping test modules share one build per case).
 
 Vocab 100 is not a multiple of 64, so vLLM's vocab padding (to 128) is exercised; 4 query heads over 2 kv
 heads exercise GQA where the architecture has it.
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
+
+from tests import helpers
 
 VOCAB = 100
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -106,18 +110,49 @@ CASE_IDS = [c.id for c in CASES]
 
 
 def reference_model(config: Any, seed: int = 0) -> torch.nn.Module:
-    """An fp32 HF model with every parameter perturbed: Gemma's zero-initialised norms and all-zero biases
-    would otherwise hide a mapping that swaps or drops them."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    """The shared reference model, perturbed harder (0.1): small tables hide swaps behind small weights."""
+    return helpers.reference_model(config, seed, scale=0.1)
 
 
 def token_ids(n: int = 9, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (2, n), generator=g)
+
+
+LAYOUTS = ("hf", "vllm", "meta")
+
+
+class Built:
+    """A case's config and reference model, with its weights in HF and (cloned) vLLM layout."""
+
+    def __init__(self, case: Case) -> None:
+        from ipcbridge import mapping
+
+        self.config = case.config()
+        self.ref = reference_model(self.config)
+        self.hf = dict(self.ref.state_dict())
+        self.vllm = {k: t.clone() for k, t in mapping.to_vllm(self.hf, self.config).items()}
+        self.params = dict(self.ref.named_parameters(remove_duplicate=False))
+
+
+@cache
+def built(case_id: str) -> Built:
+    return Built(next(c for c in CASES if c.id == case_id))
+
+
+def meta_config(model_type: str = "llama", tied: bool = False) -> Any:
+    """A config the Meta table maps (Llama or Mistral)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, num_key_value_heads=2, tie_word_embeddings=tied, **COMMON)
+
+
+@cache
+def in_every_layout(model_type: str = "llama", tied: bool = False) -> tuple[Any, torch.nn.Module, dict]:
+    """(config, reference model, {layout: its state dict in that layout}) for a config the Meta table maps."""
+    from ipcbridge import mapping
+
+    cfg = meta_config(model_type, tied)
+    ref = reference_model(cfg)
+    hf = dict(ref.state_dict())
+    return cfg, ref, {layout: mapping.convert(hf, cfg, "hf", layout) for layout in LAYOUTS}

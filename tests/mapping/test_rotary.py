@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-from mapping_cases import COMMON, reference_model
 
 from ipcbridge import mapping
 from ipcbridge.errors import MappingError
 from ipcbridge.mapping import permute_rotary, unpermute_rotary
+from tests.mapping.mapping_cases import COMMON, reference_model
 
 POSITIONS = torch.tensor([0, 1, 2, 7, 31, 100, 1023])
 

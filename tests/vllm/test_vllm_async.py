@@ -14,9 +14,9 @@ import uuid
 from typing import Any
 
 import pytest
-import vllm_helpers as H
 
 import ipcbridge
+from tests.vllm import vllm_helpers as H
 
 pytestmark = pytest.mark.vllm
 
@@ -36,7 +36,7 @@ def test_async_llm_update_in_flight() -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from ipcbridge.vllm.colocate import write_model_dir
+    from ipcbridge.hf import write_model_dir
     from ipcbridge.vllm.endpoints import AsyncLLMEndpoint
     from ipcbridge.vllm.extension import EXTENSION_QUALNAME
 

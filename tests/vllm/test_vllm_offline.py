@@ -17,10 +17,10 @@ import statistics
 
 import pytest
 import torch
-import vllm_helpers as H
 
 import ipcbridge
-from ipcbridge.bridge import sequence_logprobs
+from ipcbridge.logprobs import sequence_logprobs
+from tests.vllm import vllm_helpers as H
 
 pytestmark = pytest.mark.vllm
 
@@ -37,9 +37,15 @@ def arch(request: pytest.FixtureRequest) -> str:
 def engine(arch: str):
     H.require_vllm()
     from ipcbridge.vllm.colocate import VllmEngine
+    from ipcbridge.vllm.extension import EXTENSION_QUALNAME
+    from ipcbridge.vllm.testing import TESTING_EXTENSION_QUALNAME
 
-    # init="dummy": keep vLLM's dummy weights; the tests write their own init through the bridge.
-    with VllmEngine(H.tiny_config(arch), gpu_memory_utilization=0.25, init="dummy") as eng:
+    # init="dummy": keep vLLM's dummy weights; the tests write their own init through the bridge. One
+    # architecture runs with the testing subclass of the extension: real vLLM must mix it into its worker
+    # and the driver's config check must accept it.
+    ext = TESTING_EXTENSION_QUALNAME if arch == "qwen3" else EXTENSION_QUALNAME
+    with VllmEngine(H.tiny_config(arch), gpu_memory_utilization=0.25, init="dummy",
+                    worker_extension_cls=ext) as eng:
         yield eng
 
 

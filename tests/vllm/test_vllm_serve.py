@@ -18,9 +18,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import vllm_helpers as H
 
 import ipcbridge
+from tests.vllm import vllm_helpers as H
 
 pytestmark = pytest.mark.vllm
 
@@ -38,7 +38,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     H.require_vllm()
-    from ipcbridge.vllm.colocate import write_model_dir
+    from ipcbridge.hf import write_model_dir
     from ipcbridge.vllm.extension import EXTENSION_QUALNAME
     from ipcbridge.vllm.http import HttpEndpoint
 

@@ -1,8 +1,8 @@
 """Shared pieces of the vllm-marked tests: tiny configs, weight init through the bridge, HF greedy decoding,
 the decisive training step, and a results log (``$IPCBRIDGE_RESULTS``, one JSON object per line).
 
-Not a test module. Imported as ``vllm_helpers`` (pytest puts this folder on sys.path; the folder has no
-``__init__.py`` on purpose, so it can never shadow the real ``vllm`` package).
+Not a test module. Imported as ``tests.vllm.vllm_helpers``: ``tests`` is a package, so this folder is
+``tests.vllm`` and never shadows the real ``vllm`` package (only the repository root is on sys.path).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from ipcbridge.bridge import greedy
-from ipcbridge.vllm.extension import init_weights_
+from ipcbridge.logprobs import greedy
+from ipcbridge.vllm.testing import init_weights_
+from tests import helpers
 
 ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -30,21 +31,12 @@ def require_vllm() -> None:
 
 
 def tiny_config(arch: str) -> Any:
-    """Tiny configs; vocab 1000 is padded to 1024 by vLLM. qwen2 ties embeddings and has q/k/v biases,
-    qwen3 has q_norm/k_norm and an explicit head_dim."""
-    from transformers import AutoConfig
-
-    kw: dict[str, Any] = dict(
-        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
-        eos_token_id=2,
+    """The shared tiny config at a size vLLM's Triton attention takes (head_dim 64); vocab 1000 is padded
+    to 1024 by vLLM. qwen2 ties embeddings and has q/k/v biases, qwen3 has q_norm/k_norm."""
+    return helpers.tiny_config(
+        arch, tied=arch == "qwen2", vocab_size=1000, hidden_size=256, intermediate_size=512, head_dim=64,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
     )
-    if arch == "qwen2":
-        kw["tie_word_embeddings"] = True
-    if arch == "qwen3":
-        kw["head_dim"] = 64
-    cfg = AutoConfig.for_model(arch, **kw)
-    return cfg
 
 
 def record(test: str, **data: Any) -> None:

@@ -10,126 +10,19 @@ the plain ``nn.Embedding`` position tables of GPT-2 and OPT). HF names are those
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
-from ipcbridge.errors import MappingError
-from ipcbridge.mapping.rules import GATE_UP, QKV, Rows, Rule, Same, Transposed, Vocab
-
-_MISSING = object()
-
-
-def cfg(config: Any, key: str, default: Any = _MISSING) -> Any:
-    """Read ``key`` from an HF config object or dict; a missing required field is a MappingError."""
-    value = config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
-    if value is _MISSING:
-        raise MappingError(f"config has no field {key!r}, which this architecture needs")
-    return value
-
-
-def model_type(config: Any) -> str:
-    mt = cfg(config, "model_type", None)
-    if not isinstance(mt, str) or not mt:
-        raise MappingError("config has no 'model_type'; pass a transformers config (or its to_dict())")
-    return mt
-
-
-def head_dim(config: Any) -> int:
-    heads = positive(config, "num_attention_heads")
-    hd = cfg(config, "head_dim", None)
-    if hd is None:
-        hidden = positive(config, "hidden_size")
-        if hidden % heads:
-            raise MappingError(
-                f"config: hidden_size {hidden} is not divisible by num_attention_heads {heads}; set head_dim "
-                "or fix the head count"
-            )
-        hd = hidden // heads
-    return int(hd)
-
-
-def positive(config: Any, key: str) -> int:
-    v = cfg(config, key)
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise MappingError(f"config.{key} must be a positive integer, got {v!r}")
-    return v
-
-
-def kv_heads(config: Any) -> int:
-    heads = positive(config, "num_attention_heads")
-    kv = cfg(config, "num_key_value_heads", None) or heads
-    if not isinstance(kv, int) or kv <= 0 or heads % kv:
-        raise MappingError(
-            f"config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv!r}"
-        )
-    return kv
-
-
-def qkv_sizes(config: Any) -> dict[str, int]:
-    """Row sizes of a fused ``[q | k | v]`` projection (GQA aware; MHA when the config has no kv heads)."""
-    hd = head_dim(config)
-    return {
-        "q": positive(config, "num_attention_heads") * hd,
-        "k": kv_heads(config) * hd,
-        "v": kv_heads(config) * hd,
-    }
-
-
-def attention_mlp_sizes(config: Any) -> dict[str, int]:
-    """Row sizes of fused ``qkv_proj`` and ``gate_up_proj`` for GQA decoders."""
-    inter = positive(config, "intermediate_size")
-    return {**qkv_sizes(config), "gate": inter, "up": inter}
-
-
-def no_rows(config: Any) -> dict[str, int]:
-    """For tables without ``Rows`` rules: nothing fused differently on the two sides."""
-    return {}
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """One architecture: its HF -> other-layout table and the config facts the rules need.
-
-    The other layout is vLLM's for the tables here and Meta's for :mod:`ipcbridge.mapping.meta`; a rule's
-    ``vllm`` field names the tensor in that layout.
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    params: Mapping[str, Rule]
-    sizes: Callable[[Any], dict[str, int]] = attention_mlp_sizes
-    #: HF name -> HF name it is tied to when the config ties word embeddings (absent from vLLM then).
-    tied: Mapping[str, str] = field(default_factory=dict)
-    #: tie_word_embeddings when the config does not say (dict configs); ``always_tied`` ignores the config.
-    tie_default: bool = False
-    always_tied: bool = False
-    #: vLLM pads vocab rows to a multiple of this (``DEFAULT_VOCAB_PADDING_SIZE``).
-    vocab_pad: int = 64
-    #: config field -> (the only value this table maps, why): variants the engine or the table refuses.
-    requires: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
-
-    def is_tied(self, config: Any) -> bool:
-        if self.always_tied:
-            return True
-        return bool(cfg(config, "tie_word_embeddings", self.tie_default))
-
-    def vocab_size(self, config: Any) -> int:
-        return positive(config, "vocab_size")
-
-    def padded_vocab(self, config: Any) -> int:
-        v = self.vocab_size(config)
-        return -(-v // self.vocab_pad) * self.vocab_pad
-
-    def check(self, config: Any) -> None:
-        """Refuse config variants this table does not map, naming the field."""
-        for key, (want, why) in self.requires.items():
-            got = cfg(config, key, want)
-            if got != want:
-                raise MappingError(
-                    f"config.{key}={got!r} is not supported for {self.name!r}: {why}. Use a config with "
-                    f"{key}={want!r}"
-                )
+from ipcbridge.mapping.spec import (
+    GATE_UP,
+    QKV,
+    TIED_LM_HEAD,
+    ArchSpec,
+    Rows,
+    Rule,
+    Same,
+    Transposed,
+    Vocab,
+    no_rows,
+    qkv_sizes,
+)
 
 
 def llama_like(**extra: Rule) -> dict[str, Rule]:
@@ -154,7 +47,6 @@ def llama_like(**extra: Rule) -> dict[str, Rule]:
     return table
 
 
-TIED_LM_HEAD = {"lm_head.weight": "model.embed_tokens.weight"}
 QK_NORM = {
     "model.layers.{}.self_attn.q_norm.weight": Same(),
     "model.layers.{}.self_attn.k_norm.weight": Same(),
@@ -309,49 +201,5 @@ OPT = ArchSpec(
     tie_default=True,
 )
 
-ARCHITECTURES: list[ArchSpec] = [LLAMA, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, OPT]
-
-# Model types people reach for that no table maps, and what to do instead.
-HINTS = {
-    "gemma3": "that is the multimodal Gemma3ForConditionalGeneration; attach its text model with "
-    "config.get_text_config() (model_type 'gemma3_text')",
-}
-
-LAYOUTS = ("hf", "vllm", "meta")
-
-
-def _tables(layout: str) -> list[ArchSpec]:
-    if layout == "vllm":
-        return ARCHITECTURES
-    if layout == "meta":
-        from ipcbridge.mapping.meta import META_ARCHITECTURES  # meta imports this module
-
-        return META_ARCHITECTURES
-    raise MappingError(f"no tables for layout {layout!r}: the layouts with tables are 'vllm' and 'meta'")
-
-
-def register(spec: ArchSpec, layout: str = "vllm") -> None:
-    """Add an architecture's table for ``layout`` (or replace the one serving the same model types)."""
-    tables = _tables(layout)
-    tables[:] = [a for a in tables if not set(a.model_types) & set(spec.model_types)]
-    tables.append(spec)
-
-
-def supported_model_types(layout: str = "vllm") -> list[str]:
-    return sorted(mt for a in _tables(layout) for mt in a.model_types)
-
-
-def get_arch(config: Any, layout: str = "vllm") -> ArchSpec:
-    """The table mapping ``config``'s architecture between HF and ``layout``, after checking the config
-    is a variant the table maps."""
-    mt = model_type(config)
-    for a in _tables(layout):
-        if mt in a.model_types:
-            a.check(config)
-            return a
-    hint = f" ({HINTS[mt]})" if mt in HINTS else ""
-    raise MappingError(
-        f"unknown architecture {mt!r}{hint} for the {layout!r} layout: ipcbridge maps "
-        f"{', '.join(supported_model_types(layout))}. Add a table with "
-        f"ipcbridge.mapping.register(ArchSpec(...), layout={layout!r}) or use a supported model"
-    )
+#: The vLLM tables, in the order the registry starts with.
+TABLES: tuple[ArchSpec, ...] = (LLAMA, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, OPT)

@@ -4,21 +4,26 @@
 map them. Where it cannot (the engine on another GPU or node, MIG, vLLM sleep-mode allocations), the
 trainer keeps its own HF model and ``ipcbridge.stream(engine, model)`` copies it into the engine's tensors
 after each step: packed into buckets in the engine's layout and broadcast, double-buffered, over a private
-process group (NCCL for CUDA weights, gloo for CPU ones; see :mod:`ipcbridge.transports.nccl`).
+process group (NCCL for CUDA weights, gloo for CPU ones). The plan is :mod:`ipcbridge.stream.plan`'s, the
+wire protocol :mod:`ipcbridge.stream.protocol`'s and the group :mod:`ipcbridge.stream.group`'s; the engine's
+side is :mod:`ipcbridge.stream.receiver`.
 
 Note [the streaming fence]
-    ``with sb.update(): optimizer.step()``:
+    ``with sb.update(): optimizer.step()`` is the shared fence (Note [the fence] in :mod:`ipcbridge.fence`)
+    with the transfer as its commit step:
       1. the model is checked against the plan (names, shapes, dtypes, tied weights) before the engine
-         is touched, then the engine is paused (no generation in flight);
+         is touched, then the engine's pause is leased (no generation in flight);
       2. the block runs on the trainer's own weights. The engine's are untouched, so if the block raises,
-         the engine resumes at the same version and the exception propagates;
+         the engine just resumes (its version still moves forward, as on every resume) and the exception
+         propagates;
       3. the trainer's device work is synchronised and the model checked again;
       4. the engine receives, through an RPC that blocks until its last bucket is loaded and so runs in a
          background thread, while this thread packs and broadcasts the buckets;
-      5. ``resume(version + 1)`` drops caches of the old weights and lets generation continue.
-    If step 4 fails, the engine's weights may be partly written. The engine still resumes, at version + 1
-    so that nothing computed from the old weights survives (and it must not stay paused), both sides close
-    the stream, and ``BridgeError`` says to open a new stream and ``push()``.
+      5. the lease is released: the engine drops caches of the old weights, moves its version forward and
+         lets generation continue.
+    If step 4 fails, the engine's weights may be partly written. The engine still resumes (it must not stay
+    paused) at a new version, so nothing computed from the old weights survives; both sides close the
+    stream, and ``BridgeError`` says to open a new stream and ``push()``.
 
 Note [packing from HF tensors]
     The plan is in the engine's (vLLM) layout. Building that layout with ``mapping.to_vllm`` would copy
@@ -37,41 +42,27 @@ import secrets
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from ipcbridge import mapping
-from ipcbridge.bridge import Endpoint, resolve_endpoint, synchronize
+from ipcbridge.endpoints import CanReceiveStream, Endpoint, resolve_endpoint
 from ipcbridge.errors import BridgeError, MappingError
+from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, Fence, synchronize
 from ipcbridge.manifest import Manifest
-from ipcbridge.transports import nccl
+from ipcbridge.stream.group import TorchGroup, check_backend, master_store
+from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, Bucket, StreamPlan, plan_buckets, unpack
+from ipcbridge.stream.protocol import READY_KEY, send
 
 logger = logging.getLogger(__name__)
 
 #: How long to wait for the engine's side of a failed transfer to report, after ours failed.
 _GRACE_SECONDS = 5.0
-_STREAM_OPS = ("stream_init", "stream_receive", "stream_close")
-
-
-class StreamEndpoint(Endpoint, Protocol):
-    """An :class:`~ipcbridge.bridge.Endpoint` whose engine can receive streamed weights."""
-
-    def stream_init(self, stream_id: str, *, host: str, port: int, backend: str, timeout: float,
-                    plan: Mapping[str, Any]) -> None:
-        """Check ``plan`` against the engine's weights and keep it; join the trainer's group at ``host:port``
-        as rank 1, replacing any previous stream; block until the trainer has joined too."""
-
-    def stream_receive(self, stream_id: str, *, timeout: float) -> dict[str, Any]:
-        """Receive one push of the plan given to ``stream_init`` into the engine's weights (engine paused);
-        block until loaded. Refuse a ``stream_id`` that is not the current stream's."""
-
-    def stream_close(self, stream_id: str) -> None:
-        """Leave the group, if it is still ``stream_id``'s."""
 
 
 class _Call:
@@ -131,7 +122,7 @@ class _Layout:
     zero: frozenset[str]
 
 
-def _layout(plan: nccl.StreamPlan, config: Any) -> _Layout:
+def _layout(plan: StreamPlan, config: Any) -> _Layout:
     meta = {s.name: torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in plan.slots}
     try:
         views = mapping.hf_views(meta, config)
@@ -147,7 +138,7 @@ def _layout(plan: nccl.StreamPlan, config: Any) -> _Layout:
         if s.op == "tied":
             tied.append((s.hf, s.tied_to or ""))
         else:
-            covered[s.vllm] += views[s.hf].numel()
+            covered[s.target] += views[s.hf].numel()
     return _Layout(
         params={n: (tuple(v.shape), v.dtype) for n, v in views.items()},
         tied=tuple(tied),
@@ -163,8 +154,9 @@ class StreamBridge:
     ``push_seconds`` count the transfers; :meth:`stats` sums them up.
     """
 
-    def __init__(self, endpoint: StreamEndpoint, model: nn.Module, manifest: Manifest, *, plan: nccl.StreamPlan,
-                 backend: str, timeout: float, host: str) -> None:
+    def __init__(self, endpoint: Endpoint, model: nn.Module, manifest: Manifest, *, plan: StreamPlan,
+                 backend: str, timeout: float, host: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                 wait: float = DEFAULT_WAIT_SECONDS) -> None:
         self.endpoint = endpoint
         self.model = model
         self.plan = plan
@@ -173,7 +165,6 @@ class StreamBridge:
         self.host = host
         #: Names this stream in the engine, which serves one stream at a time: the newest.
         self.stream_id = secrets.token_hex(8)
-        self.weight_version = manifest.weight_version
         self.bytes_sent = 0
         self.push_seconds: list[float] = []
         self.connect_seconds = 0.0
@@ -182,9 +173,21 @@ class StreamBridge:
         self._tied_names = frozenset(a for a, _ in self._layout.tied)
         self._device = _model_device(model)
         self._buffer_device = self._device if backend == "nccl" else torch.device("cpu")
-        self._group: nccl.TorchGroup | None = None
+        self._group: TorchGroup | None = None
         self._params: dict[str, torch.Tensor] = {}  # the model's tensors, during a push only
         self._closed = False
+        self._fence = Fence(endpoint, holder=f"stream {self.stream_id} ({endpoint.name})",
+                            version=manifest.weight_version, sync=lambda: synchronize(self.model),
+                            lease_seconds=lease_seconds, wait=wait)
+
+    @property
+    def weight_version(self) -> int:
+        """The weight version the engine published at this stream's last resume (the manifest's before)."""
+        return self._fence.version
+
+    def renew(self) -> None:
+        """Extend the current update's lease by its length (for a block that takes longer than it)."""
+        self._fence.renew()
 
     # -- checks --------------------------------------------------------------------------------------
 
@@ -223,7 +226,7 @@ class StreamBridge:
                                   f"model.to('{self._device}')")
         return {n: p.detach() for n, p in params.items()}
 
-    def _require_open(self) -> nccl.TorchGroup:
+    def _require_open(self) -> TorchGroup:
         if self._closed or self._group is None:
             raise BridgeError("this weight stream is closed (close() or a failed push); open a new one with "
                               "ipcbridge.stream(engine, model)")
@@ -233,7 +236,7 @@ class StreamBridge:
 
     def _connect(self) -> None:
         try:
-            store = nccl.master_store(self.host, self.timeout)
+            store = master_store(self.host, self.timeout)
         except Exception as e:  # torch raises several types for bind and address errors
             raise BridgeError(f"cannot serve the stream rendezvous on {self.host} ({e}); pass host= an address "
                               "of this machine that the engine can reach") from e
@@ -246,14 +249,14 @@ class StreamBridge:
         # The engine sets READY_KEY only once it accepted the request: until then a refusal can still arrive,
         # and joining the group first would block until the timeout instead of reporting it.
         deadline = time.monotonic() + self.timeout
-        while not store.check([nccl.READY_KEY]):
+        while not store.check([READY_KEY]):
             if call.done():
                 raise _failure("opening the weight stream", None, call.error, fix)
             if time.monotonic() > deadline:
                 raise BridgeError(f"the engine did not join the weight stream within {self.timeout:.0f}s. {fix}")
             time.sleep(0.005)
         try:
-            group = nccl.TorchGroup.join(store, 0, 2, self.backend, self.timeout, self.host)
+            group = TorchGroup.join(store, 0, 2, self.backend, self.timeout, self.host)
         except Exception as e:
             call.join(_GRACE_SECONDS)
             raise _failure("opening the weight stream", e, call.error, fix) from e
@@ -265,9 +268,9 @@ class StreamBridge:
 
     # -- pushing -------------------------------------------------------------------------------------
 
-    def _pack(self, bucket: nccl.Bucket, out: torch.Tensor) -> None:
+    def _pack(self, bucket: Bucket, out: torch.Tensor) -> None:
         """Fill ``out`` with ``bucket``'s engine tensors, straight from HF tensors (Note [packing from HF tensors])."""
-        views = nccl.unpack(out, bucket)
+        views = unpack(out, bucket)
         for name in bucket.names:
             if name in self._layout.zero:
                 views[name].zero_()
@@ -284,7 +287,7 @@ class StreamBridge:
                "log), then open a new stream with ipcbridge.stream(engine, model) and push()")
         self._params = params
         try:
-            nbytes = nccl.send(group, self._pack, self.plan, device=self._buffer_device)
+            nbytes = send(group, self._pack, self.plan, device=self._buffer_device)
         except BaseException as e:
             self._close_group(abort=True)  # the engine's pending receives fail now, not at the timeout
             call.join(_GRACE_SECONDS)
@@ -300,37 +303,17 @@ class StreamBridge:
         self.bytes_sent += nbytes
         self.push_seconds.append(time.perf_counter() - t0)
 
-    def _resume_quietly(self, version: int) -> None:
-        try:
-            self.endpoint.resume(version)
-        except Exception as e:  # the error being raised already says what went wrong
-            logger.warning("could not resume the engine: %s", e)
-
     @contextmanager
     def update(self) -> Iterator[StreamBridge]:
         """Fence a step on the trainer's model and stream the result into the engine.
 
         See Note [the streaming fence]. Raises ``BridgeError`` if the model no longer fits the engine's
-        weights or the transfer fails.
+        weights or the transfer fails, and ``FenceError`` as :meth:`ipcbridge.Bridge.update` does.
         """
         self._require_open()
         self._check_model()  # a mismatch leaves the engine alone
-        self.endpoint.pause()
-        try:
+        with self._fence.hold(commit=lambda: self._transfer(self._check_model())):
             yield self
-            synchronize(self.model)
-            params = self._check_model()
-        except BaseException:
-            self._resume_quietly(self.weight_version)  # the engine's weights are untouched
-            raise
-        try:
-            self._transfer(params)
-        except BaseException:
-            self.weight_version += 1
-            self._resume_quietly(self.weight_version)
-            raise
-        self.weight_version += 1
-        self.endpoint.resume(self.weight_version)
 
     def push(self) -> None:
         """Stream the model's current weights into the engine (no step): ``with self.update(): pass``."""
@@ -379,8 +362,9 @@ class StreamBridge:
         self.close()
 
 
-def stream(target: Any, model: nn.Module, *, bucket_bytes: int = nccl.DEFAULT_BUCKET_BYTES,
-           backend: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1") -> StreamBridge:
+def stream(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+           backend: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
+           lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS) -> StreamBridge:
     """Stream a trainer-owned HF ``model`` into ``target``'s weights, where they cannot be shared.
 
     ``target``: an engine that can receive streamed weights (a :class:`~ipcbridge.LocalEngine`). ``model``
@@ -389,26 +373,27 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int = nccl.DEFAULT_BU
     works for any devices, through host memory). ``bucket_bytes``: target size of one broadcast; the two
     buffers on each side are that large, or as large as the largest tensor if it is larger. ``timeout``
     bounds joining and every broadcast; ``host`` is where this process serves the rendezvous. Nothing is
-    sent until :meth:`StreamBridge.update` or :meth:`StreamBridge.push`.
+    sent until :meth:`StreamBridge.update` or :meth:`StreamBridge.push`. ``lease_seconds`` and ``wait``
+    are the fence's, as for :func:`ipcbridge.connect`.
     """
     endpoint = resolve_endpoint(target)
     try:
-        missing = [op for op in _STREAM_OPS if not callable(getattr(endpoint, op, None))]
-        if missing:
+        if not isinstance(endpoint, CanReceiveStream):
             raise BridgeError(
-                f"endpoint {getattr(endpoint, 'name', type(endpoint).__name__)!r} cannot receive streamed weights "
-                f"(no {', '.join(missing)}); stream() works with ipcbridge.LocalEngine. Where the memory can be "
-                "shared, use ipcbridge.connect()"
+                f"endpoint {endpoint.name!r} cannot receive streamed weights (it has no stream_init, "
+                "stream_receive, stream_close); stream() works with ipcbridge.LocalEngine. Where the memory can "
+                "be shared, use ipcbridge.connect()"
             )
         device = _model_device(model)
-        backend = nccl.check_backend(backend or ("nccl" if device.type == "cuda" else "gloo"), device)
+        backend = check_backend(backend or ("nccl" if device.type == "cuda" else "gloo"), device)
         t0 = time.perf_counter()
         manifest = endpoint.manifest()
         if manifest.layout != "vllm":
             raise BridgeError(f"the engine exports the {manifest.layout!r} layout; stream() fills 'vllm'-layout "
                               "engines. Export the engine's weights in the 'vllm' layout")
-        plan = nccl.plan_buckets([(t.name, t.dtype, t.shape) for t in manifest.tensors], bucket_bytes)
-        sb = StreamBridge(endpoint, model, manifest, plan=plan, backend=backend, timeout=timeout, host=host)
+        plan = plan_buckets([(t.name, t.dtype, t.shape) for t in manifest.tensors], bucket_bytes)
+        sb = StreamBridge(endpoint, model, manifest, plan=plan, backend=backend, timeout=timeout, host=host,
+                          lease_seconds=lease_seconds, wait=wait)
         sb._check_model()  # a mismatch surfaces here, before the engine joins anything
         sb._connect()
     except BaseException:

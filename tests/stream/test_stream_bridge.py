@@ -8,12 +8,13 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config
 
 import ipcbridge
 from ipcbridge import BridgeError, EngineError
-from ipcbridge.bridge import greedy, sequence_logprobs
-from ipcbridge.transports import nccl
+from ipcbridge.logprobs import greedy, sequence_logprobs
+from ipcbridge.stream.group import master_store
+from ipcbridge.stream.plan import plan_buckets
+from tests.helpers import tiny_config
 
 PROMPT = [3, 14, 15, 92]
 SEED = 1
@@ -25,7 +26,6 @@ def trainer_model(config, seed: int = SEED):
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
-
 
 
 def assert_engine_serves(engine, model, version: int) -> None:
@@ -91,7 +91,8 @@ def test_a_failing_step_leaves_the_engine_untouched(engine, model, sb) -> None:
         model.lm_head.weight.mul_(-1.0)
         raise RuntimeError("boom")
     out = engine.generate([PROMPT], max_tokens=6)[0]
-    assert out.weight_version == engine.weight_version == version  # resumed, weights not streamed
+    # resumed with the weights unchanged; the version still moves forward, as on every resume
+    assert out.weight_version == engine.weight_version == sb.weight_version == version + 1
     assert out.token_ids == served
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)
@@ -111,7 +112,8 @@ def test_shape_and_dtype_changes_are_refused_before_the_engine_pauses(engine, mo
         model.lm_head.weight = original
     assert engine.generate([PROMPT], max_tokens=1)[0].weight_version == version  # never paused
     sb.push()  # and the stream still works
-    assert_engine_serves(engine, model, version + 1)
+    assert_engine_serves(engine, model, sb.weight_version)
+    assert sb.weight_version == version + 1
 
 
 def test_a_model_of_another_config_is_refused_at_connect(engine) -> None:
@@ -126,8 +128,8 @@ def test_an_engine_that_cannot_receive_streams_is_refused(engine, model) -> None
 
 
 def test_the_engine_refuses_a_plan_that_is_not_its_own(engine, model, sb) -> None:
-    plan = nccl.plan_buckets({"model.embed_tokens.weight": torch.zeros(128, 64)}, 1 << 20)
-    store = nccl.master_store("127.0.0.1", 5)
+    plan = plan_buckets({"model.embed_tokens.weight": torch.zeros(128, 64)}, 1 << 20)
+    store = master_store("127.0.0.1", 5)
     t0 = time.monotonic()
     with pytest.raises(EngineError, match="does not cover this engine's weights"):
         engine.stream_init("other", host="127.0.0.1", port=store.port, backend="gloo", timeout=5,

@@ -1,0 +1,254 @@
+"""The one boundary to ``transformers`` and ``accelerate``: configs in every accepted form, config facts,
+and HF models built without weight memory.
+
+Every other module takes configs through here: a ``transformers`` config object, its ``to_dict()`` (a
+dict with ``model_type``), or a local model directory. :func:`to_hf_config` turns any of them into a
+config object, :func:`config_dict` into a JSON-safe dict (what a manifest or an RPC carries), and the
+readers (:func:`config_value`, :func:`model_type`, :func:`positive`, :func:`head_dim`, :func:`kv_heads`)
+read one field from a config object or a dict alike, raising ``MappingError`` naming the field. This module
+imports nothing of :mod:`ipcbridge.mapping` (the mapper builds on it), and imports ``transformers``,
+``accelerate`` and ``safetensors`` only when a function needs them, so ``import ipcbridge`` stays cheap.
+
+Note [building on the meta device]
+    An attached model's parameters become views of the engine's memory, so building the model must not
+    allocate its weights. :func:`build_meta_model` uses accelerate's ``init_empty_weights(include_buffers=
+    False)``. For the duration of the ``with`` block accelerate *monkeypatches*
+    ``nn.Module.register_parameter`` (process-wide, so nothing else should build modules in another thread
+    meanwhile) to move each parameter to the meta device as it is registered: one parameter's memory at a
+    time is ever live, and HF's weight init runs on meta tensors, i.e. costs nothing. Buffers are left
+    alone, which is the point: non-persistent buffers such as rotary ``inv_freq`` (and Gemma's embedding
+    scale) are *computed* at construction and no engine exports them, so they must be real. Core torch's
+    ``with torch.device("meta")`` would put them on meta too (that is ``include_buffers=True``), and a meta
+    ``inv_freq`` cannot be recovered without re-running each architecture's own rotary init. The buffers are
+    created on the default device; :func:`materialize_buffers` moves them next to the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ipcbridge.errors import BridgeError, MappingError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+# ---- reading config fields (config objects and dicts alike) ---------------------------------------------
+
+
+def config_value(config: Any, key: str, default: Any = _MISSING) -> Any:
+    """Read ``key`` from an HF config object or dict; a missing field without ``default`` is a MappingError."""
+    value = config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+    if value is _MISSING:
+        raise MappingError(f"config has no field {key!r}, which this architecture needs")
+    return value
+
+
+def model_type(config: Any) -> str:
+    mt = config_value(config, "model_type", None)
+    if not isinstance(mt, str) or not mt:
+        raise MappingError(
+            "config has no 'model_type'; pass a transformers config, or its to_dict() (which carries "
+            "model_type, e.g. 'llama')"
+        )
+    return mt
+
+
+def positive(config: Any, key: str) -> int:
+    v = config_value(config, key)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise MappingError(f"config.{key} must be a positive integer, got {v!r}")
+    return v
+
+
+def head_dim(config: Any) -> int:
+    heads = positive(config, "num_attention_heads")
+    hd = config_value(config, "head_dim", None)
+    if hd is None:
+        hidden = positive(config, "hidden_size")
+        if hidden % heads:
+            raise MappingError(
+                f"config: hidden_size {hidden} is not divisible by num_attention_heads {heads}; set head_dim "
+                "or fix the head count"
+            )
+        hd = hidden // heads
+    return int(hd)
+
+
+def kv_heads(config: Any) -> int:
+    heads = positive(config, "num_attention_heads")
+    kv = config_value(config, "num_key_value_heads", None) or heads
+    if not isinstance(kv, int) or kv <= 0 or heads % kv:
+        raise MappingError(
+            f"config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv!r}"
+        )
+    return kv
+
+
+# ---- normalising whole configs -------------------------------------------------------------------------
+
+
+def to_hf_config(config: Any) -> PretrainedConfig:
+    """A ``transformers`` config from a config object, a dict with ``model_type`` (``to_dict()`` output)
+    or a local model directory."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    if isinstance(config, Mapping):
+        mt = model_type(config)
+        fields = {k: v for k, v in config.items() if k != "model_type"}
+        try:
+            return AutoConfig.for_model(mt, **fields)
+        except Exception as e:  # transformers validates configs with several exception types
+            raise MappingError(f"transformers rejects this {mt!r} config: {e}") from None
+    if isinstance(config, (str, os.PathLike)):
+        return AutoConfig.from_pretrained(config)
+    raise TypeError(
+        f"config must be a transformers config, a dict with 'model_type' or a local model directory, got "
+        f"{type(config).__name__}"
+    )
+
+
+def _json_safe(d: Mapping[str, Any]) -> dict[str, Any]:
+    # str() for values JSON has no type for (dtypes, attributes an engine added to the config).
+    try:
+        return json.loads(json.dumps(dict(d), default=str))
+    except (TypeError, ValueError) as e:  # keys JSON cannot carry
+        raise TypeError(f"the config cannot be written as JSON: {e}") from None
+
+
+def config_dict(config: Any) -> dict[str, Any] | None:
+    """A JSON-safe dict of ``config`` (a config object, a dict or a local model directory); None for None.
+
+    Config objects go through ``to_json_string(use_diff=False)``, which writes every field as
+    transformers serialises it (dtypes as strings, label ids as string keys); where an attribute someone
+    added (vLLM does) is no JSON, through ``to_dict()`` with ``str()`` for such values.
+    """
+    if config is None:
+        return None
+    if isinstance(config, (str, os.PathLike)):
+        config = to_hf_config(config)
+    if isinstance(config, Mapping):
+        return _json_safe(config)
+    if hasattr(config, "to_json_string"):
+        try:
+            return json.loads(config.to_json_string(use_diff=False))
+        except (TypeError, ValueError):
+            pass  # an attribute is not JSON: fall back to str() for those values
+    if hasattr(config, "to_dict"):
+        return _json_safe(config.to_dict())
+    raise TypeError(
+        f"config must be a transformers config, a dict or a local model directory, got {type(config).__name__}"
+    )
+
+
+def architecture_for(model_type: str) -> str:
+    """The ``*ForCausalLM`` class name transformers maps ``model_type`` to (``config.architectures``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(model_type))].__name__
+    except (KeyError, ValueError):
+        raise BridgeError(f"transformers has no causal LM for model_type {model_type!r}") from None
+
+
+def write_model_dir(config: Any, path: str) -> str:
+    """Write ``config`` (a transformers config, or its dict) as ``path/config.json``; return ``path``.
+
+    Engines that load from a directory (vLLM) pick the model class from ``architectures``, which configs
+    built in code usually lack: it is filled in from the model type (without changing the caller's config).
+    """
+    if hasattr(config, "save_pretrained"):
+        if not getattr(config, "architectures", None):
+            config = copy.copy(config)
+            config.architectures = [architecture_for(model_type(config))]
+        config.save_pretrained(path)
+        return path
+    if isinstance(config, Mapping):
+        try:
+            mt = model_type(config)
+        except MappingError as e:  # the engine, not the mapper, needs it here
+            raise BridgeError(f"cannot write a model directory: {e}") from None
+        d = _json_safe(config)
+        d.setdefault("architectures", [architecture_for(mt)])
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(d, f)
+        return path
+    raise TypeError(f"config must be a transformers config or a dict, got {type(config).__name__}")
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+
+
+def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The HF causal LM for ``config`` with every parameter on the meta device and every buffer real.
+
+    See Note [building on the meta device].
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = to_hf_config(config)
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers < 4.56 spells it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    return model
+
+
+def materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Move ``model``'s buffers (real, on the default device: Note [building on the meta device]) to
+    ``device``, in place.
+
+    Only buffers are touched: ``model.to(device)`` would also visit the parameters, which are views of an
+    engine's memory and must never be re-assigned.
+    """
+    device = torch.device(device)
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+
+
+def load_hf_state_dict(source: Mapping[str, Any]) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
+    """(HF config, HF state dict) from ``{"config": {...}, "seed": n}`` (random weights from ``seed``) or
+    ``{"path": local_dir}`` (its ``config.json`` and ``*.safetensors``)."""
+    from transformers import AutoModelForCausalLM
+
+    if "path" in source:
+        return _load_model_dir(Path(source["path"]))
+    config = to_hf_config(source["config"])
+    torch.manual_seed(int(source.get("seed", 0)))
+    model = AutoModelForCausalLM.from_config(config)
+    return config, {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _load_model_dir(path: Path) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    config = to_hf_config(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    if getattr(config, "tie_word_embeddings", False):
+        # A tied checkpoint may still hold lm_head: the model shares the embedding, never loads it.
+        state.pop("lm_head.weight", None)
+    return config, state

@@ -1,0 +1,190 @@
+"""The process group a weight stream runs over: two ranks, gloo (CPU buffers) or NCCL (CUDA buffers).
+
+The trainer serves the rendezvous (:func:`master_store`) and joins as rank 0; the engine connects to it
+(:func:`client_store`) and joins as rank 1. :class:`TorchGroup` is the
+:class:`~ipcbridge.stream.protocol.Group` that :func:`~ipcbridge.stream.protocol.send` and
+:func:`~ipcbridge.stream.protocol.receive` run over. ``torch.distributed`` is imported inside the
+functions, so importing ipcbridge never initialises it.
+
+Every private torch API this needs sits behind one small function below (:func:`_gloo_options`,
+:func:`_shutdown`) that says why it is needed and raises ``BridgeError`` naming the torch version if a
+torch release drops it.
+
+Note [not the default process group]
+    :class:`TorchGroup` builds ``ProcessGroupGloo``/``ProcessGroupNCCL`` directly on a ``TCPStore`` and
+    never calls ``init_process_group``. The trainer usually has a default group of its own (DDP, FSDP) and
+    vLLM has its own too; one process can have only one default group, and a collective on it would have to
+    include every trainer rank. A private two-rank group touches neither.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import torch
+
+from ipcbridge.errors import BridgeError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("nccl", "gloo")
+_PG_PREFIX = "ipcbridge/stream/pg"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _timedelta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+def check_backend(backend: Any, device: torch.device | str) -> str:
+    """``backend`` if it can carry buffers on ``device``, else a ``BridgeError`` naming the fix."""
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise BridgeError(f"unknown stream backend {backend!r}; use one of {BACKENDS}")
+    if not dist.is_available():
+        raise BridgeError("this torch build has no torch.distributed; install a build with it to stream weights")
+    if backend == "nccl":
+        if device.type != "cuda":
+            raise BridgeError(f"backend 'nccl' carries CUDA buffers only, and the weights are on {device}; "
+                              "use backend='gloo'")
+        if not dist.is_nccl_available():
+            raise BridgeError("this torch build has no NCCL; use backend='gloo' or a CUDA build of torch")
+    elif not dist.is_gloo_available():
+        raise BridgeError("this torch build has no gloo backend; use backend='nccl' with CUDA weights")
+    return backend
+
+
+def master_store(host: str, timeout: float) -> Any:
+    """The rendezvous store, served by this process on a free port of ``host`` (``.port`` says which)."""
+    from torch.distributed import TCPStore
+
+    return TCPStore(host, 0, 2, True, timeout=_timedelta(timeout), wait_for_workers=False)
+
+
+def client_store(host: str, port: int, timeout: float) -> Any:
+    """A connection to the rendezvous store that :func:`master_store` serves at ``host:port``."""
+    from torch.distributed import TCPStore
+
+    return TCPStore(host, port, 2, False, timeout=_timedelta(timeout))
+
+
+# ---- private torch APIs, one function each -----------------------------------------------------------
+
+
+def _private_api_missing(what: str) -> BridgeError:
+    return BridgeError(
+        f"torch {torch.__version__} has no {what}, a private torch API that ipcbridge's weight streaming "
+        "needs; use the torch version ipcbridge was released with, or report this ipcbridge/torch pair"
+    )
+
+
+def _gloo_options(timeout: float, device: Any) -> Any:
+    """Options for a ``ProcessGroupGloo`` that times out after ``timeout`` seconds and connects over ``device``.
+
+    Private: ``ProcessGroupGloo._Options`` and its ``_timeout`` and ``_devices`` fields. The public
+    constructor takes only a timeout and always connects over gloo's default device (the interface the
+    hostname resolves to), so a loopback rendezvous would still open connections on another interface,
+    which may be firewalled or down. If torch drops them, gloo streams cannot be opened (NCCL ones can).
+    """
+    import torch.distributed as dist
+
+    options = getattr(dist.ProcessGroupGloo, "_Options", None)
+    if options is None:
+        raise _private_api_missing("ProcessGroupGloo._Options")
+    opts = options()
+    for field in ("_timeout", "_devices"):
+        if not hasattr(opts, field):
+            raise _private_api_missing(f"ProcessGroupGloo._Options.{field}")
+    opts._timeout = _timedelta(timeout)
+    opts._devices = [device]
+    return opts
+
+
+def _shutdown(pg: Any) -> None:
+    """Shut an NCCL process group down, waiting for its work, so its communicators are freed now.
+
+    Private on older torch: those bind only ``ProcessGroupNCCL._shutdown``; newer ones a public
+    ``shutdown``, preferred when present. Without either, the communicators live until the last reference
+    goes, at a time nobody controls, while the peer may still wait on them.
+    """
+    shutdown = getattr(pg, "shutdown", None) or getattr(pg, "_shutdown", None)
+    if shutdown is None:
+        raise _private_api_missing("ProcessGroupNCCL.shutdown (or ._shutdown)")
+    shutdown()
+
+
+# ---- the group ---------------------------------------------------------------------------------------
+
+
+def _new_process_group(store: Any, rank: int, world_size: int, backend: str, timeout: float, host: str) -> Any:
+    import torch.distributed as dist
+
+    prefixed = dist.PrefixStore(_PG_PREFIX, store)
+    if backend == "gloo":
+        # A loopback rendezvous means both ranks are local: keep gloo's connections on loopback too, not on
+        # whatever interface the hostname resolves to.
+        device = (dist.ProcessGroupGloo.create_device(hostname=host) if host in _LOOPBACK
+                  else dist.ProcessGroupGloo.create_default_device())
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, _gloo_options(timeout, device))
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(prefixed, rank, world_size, _timedelta(timeout))
+    raise BridgeError(f"unknown stream backend {backend!r}; use one of {BACKENDS}")
+
+
+class TorchGroup:
+    """A private ``torch.distributed`` process group (gloo or NCCL) as a :class:`~ipcbridge.stream.protocol.Group`.
+
+    Never the default group: see Note [not the default process group]. :meth:`join` blocks until every
+    rank has joined (or ``timeout``); every broadcast fails after ``timeout`` too. :meth:`close` drops the
+    group, which makes a peer's pending broadcasts fail at once (Note [failure and teardown] in
+    :mod:`ipcbridge.stream.protocol`).
+    """
+
+    def __init__(self, pg: Any, store: Any, backend: str, rank: int, world_size: int) -> None:
+        self._pg = pg
+        self._store = store  # NCCL exchanges its unique id through it at the first collective
+        self.backend = backend
+        self.rank = rank
+        self.world_size = world_size
+
+    @classmethod
+    def join(cls, store: Any, rank: int, world_size: int, backend: str, timeout: float,
+             host: str = "127.0.0.1") -> TorchGroup:
+        pg = _new_process_group(store, rank, world_size, backend, timeout, host)
+        logger.info("joined a %s stream group as rank %d of %d", backend, rank, world_size)
+        return cls(pg, store, backend, rank, world_size)
+
+    @property
+    def closed(self) -> bool:
+        return self._pg is None
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> Any:
+        import torch.distributed as dist
+
+        if self._pg is None:
+            raise BridgeError("this stream group is closed; open a new stream")
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        opts.rootTensor = 0
+        return self._pg.broadcast([tensor], opts)
+
+    def close(self, abort: bool = False) -> None:
+        """Leave the group. ``abort=True`` after a failure: NCCL aborts its communicators instead of waiting."""
+        pg, self._pg = self._pg, None
+        self._store = None
+        if pg is None:
+            return
+        if self.backend == "nccl":
+            try:
+                if abort:
+                    pg.abort()
+                else:
+                    _shutdown(pg)
+            except Exception:
+                logger.warning("closing the NCCL stream group failed", exc_info=True)
+        # gloo: the last reference going away closes the connections (Note [failure and teardown]).
+        del pg

@@ -1,0 +1,278 @@
+"""The stream plan: where every tensor of a weight stream lies in a flat ``uint8`` buffer, bucket by bucket.
+
+Pure: no process groups, no devices of its own. :class:`StreamPlan` crosses the process boundary as JSON
+(the trainer builds it from the engine's manifest, the engine checks it against its weights) and, like a
+:class:`~ipcbridge.manifest.Manifest`, validates itself through :mod:`ipcbridge.wire` on construction, so a
+plan that exists is a plan that is well formed. :func:`pack` and :func:`unpack` move tensors in and out of a
+buffer laid out by a plan's :class:`Bucket`.
+
+Note [bucket policy]
+    Tensors are packed in the order given, greedily, each bucket at most ``bucket_bytes``. A tensor larger
+    than that gets a bucket of its own, of its own size; tensors are never split. Whole tensors keep every
+    view :func:`unpack` returns a complete tensor, so the receiver loads each with one ``copy_`` and the
+    sender can pack a fused vLLM tensor straight from its HF parts (``mapping.hf_views`` of a bucket slice)
+    without cutting ``[q|k|v]`` rows at a bucket edge. The price is memory: both buffers are as large as the
+    largest bucket, which is the largest tensor (usually the embedding) when that exceeds ``bucket_bytes``.
+
+Note [alignment]
+    Every tensor starts at a multiple of :data:`ALIGNMENT` (256) bytes of the buffer. ``view(dtype)`` of a
+    ``uint8`` slice needs the offset to be a multiple of the dtype's size (8 at most here); 256 also gives
+    each view the alignment of a fresh CUDA allocation, so copy kernels take their vectorised paths. The
+    padding costs at most 255 bytes per tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ipcbridge.errors import ManifestError
+from ipcbridge.wire import (
+    DTYPES,
+    check_format,
+    check_int,
+    check_keys,
+    check_tensor,
+    check_type,
+    check_version,
+    dtype_name,
+)
+
+FORMAT = "ipcbridge.stream_plan"
+FORMAT_VERSION = 1
+#: Byte alignment of every tensor in a bucket. See Note [alignment].
+ALIGNMENT = 256
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+_WHERE = "stream plan"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor's place in a bucket: ``nbytes`` bytes at byte ``offset`` of the flat buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        where = f"{_WHERE} tensor {self.name!r}"
+        check_tensor(self.name, self.dtype, self.shape, self.nbytes, where)
+        check_int(self.offset, f"{where}.offset")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset,
+                "nbytes": self.nbytes}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Slot:
+        check_keys(d, {"name", "dtype", "shape", "offset", "nbytes"}, set(), where)
+        check_type(d["shape"], list, f"{where}.shape")
+        return cls(**{**d, "shape": tuple(d["shape"])})
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Tensors sent in one broadcast: the first ``nbytes`` bytes of a flat buffer.
+
+    Validated as part of its :class:`StreamPlan` (which knows the alignment and the bucket's index).
+    """
+
+    slots: tuple[Slot, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return max((s.end for s in self.slots), default=0)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Where each tensor lies in the flat buffers of a weight stream. Immutable and self-validating.
+
+    ``bucket_bytes`` is the target bucket size; a bucket holding one tensor may be larger (Note [bucket
+    policy]). Both sides allocate two buffers of :attr:`buffer_bytes`.
+    """
+
+    buckets: tuple[Bucket, ...]
+    bucket_bytes: int
+    alignment: int = ALIGNMENT
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        check_int(self.bucket_bytes, f"{_WHERE}.bucket_bytes", minimum=1)
+        check_int(self.alignment, f"{_WHERE}.alignment", minimum=8)
+        if self.alignment & (self.alignment - 1):
+            raise ManifestError(f"{_WHERE}.alignment: must be a power of two, got {self.alignment}")
+        check_version(self.format_version, FORMAT_VERSION, _WHERE)
+        check_type(self.buckets, tuple, f"{_WHERE}.buckets")
+        seen: set[str] = set()
+        for i, b in enumerate(self.buckets):
+            self._check_bucket(b, f"{_WHERE}.buckets[{i}]", seen)
+
+    def _check_bucket(self, b: Any, where: str, seen: set[str]) -> None:
+        check_type(b, Bucket, where)
+        check_type(b.slots, tuple, f"{where}.slots")
+        if not b.slots:
+            raise ManifestError(f"{where}: a bucket must hold at least one tensor")
+        prev_end = 0
+        for s in b.slots:
+            check_type(s, Slot, f"{where}.slots")
+            if s.name in seen:
+                raise ManifestError(f"{_WHERE}: tensor {s.name!r} appears twice")
+            seen.add(s.name)
+            if s.offset % self.alignment:
+                raise ManifestError(
+                    f"{where}: tensor {s.name!r} at byte {s.offset}, not a multiple of the alignment "
+                    f"{self.alignment}; build plans with plan_buckets()"
+                )
+            if s.offset < prev_end:
+                raise ManifestError(
+                    f"{where}: tensor {s.name!r} at byte {s.offset} overlaps the previous tensor, which "
+                    f"ends at byte {prev_end}; slots must be in ascending, non-overlapping order"
+                )
+            prev_end = s.end
+        if len(b.slots) > 1 and b.nbytes > self.bucket_bytes:
+            raise ManifestError(
+                f"{where}: {len(b.slots)} tensors fill {b.nbytes} bytes, more than bucket_bytes "
+                f"{self.bucket_bytes}; only a bucket of one tensor may be larger"
+            )
+
+    @property
+    def slots(self) -> list[Slot]:
+        """Every tensor of the plan, in sending order."""
+        return [s for b in self.buckets for s in b.slots]
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Size of each of the two flat buffers: the largest bucket."""
+        return max((b.nbytes for b in self.buckets), default=0)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes one stream of this plan broadcasts (tensors plus alignment padding)."""
+        return sum(b.nbytes for b in self.buckets)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "format_version": self.format_version, "bucket_bytes": self.bucket_bytes,
+            "alignment": self.alignment, "buckets": [[s.to_dict() for s in b.slots] for b in self.buckets],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Any) -> StreamPlan:
+        check_format(d, FORMAT, FORMAT_VERSION, _WHERE)
+        check_keys(d, {"format", "format_version", "bucket_bytes", "alignment", "buckets"}, set(), _WHERE)
+        check_type(d["buckets"], list, f"{_WHERE}.buckets")
+        buckets = []
+        for i, b in enumerate(d["buckets"]):
+            where = f"{_WHERE}.buckets[{i}]"
+            check_type(b, list, where)
+            buckets.append(Bucket(tuple(Slot.from_dict(s, f"{where}[{j}]") for j, s in enumerate(b))))
+        return cls(buckets=tuple(buckets), bucket_bytes=d["bucket_bytes"], alignment=d["alignment"],
+                   format_version=d["format_version"])
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> StreamPlan:
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise ManifestError(f"stream plan is not valid JSON ({e}); pass StreamPlan.to_json()") from e
+        return cls.from_dict(d)
+
+
+NamedSpecs = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.dtype | str, Sequence[int]]]
+
+
+def plan_buckets(named_specs: NamedSpecs, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 alignment: int = ALIGNMENT) -> StreamPlan:
+    """Pack tensors, in the order given, into buckets of at most ``bucket_bytes``. See Note [bucket policy].
+
+    ``named_specs``: ``(name, dtype, shape)`` triples, or a mapping of names to tensors (meta tensors do).
+    """
+    check_int(bucket_bytes, "bucket_bytes", minimum=1)
+    items = (((n, t.dtype, t.shape) for n, t in named_specs.items()) if isinstance(named_specs, Mapping)
+             else named_specs)
+    buckets: list[tuple[Slot, ...]] = []
+    current: list[Slot] = []
+    end = 0
+    for name, dtype, shape in items:
+        dt = dtype if isinstance(dtype, str) else dtype_name(dtype)
+        shape = tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * DTYPES[dt].itemsize if dt in DTYPES else 0
+        offset = -(-end // alignment) * alignment
+        if current and offset + nbytes > bucket_bytes:
+            buckets.append(tuple(current))
+            current, offset = [], 0
+        current.append(Slot(name, dt, shape, offset, nbytes))  # validates name, dtype and shape
+        end = offset + nbytes
+    if current:
+        buckets.append(tuple(current))
+    return StreamPlan(tuple(Bucket(b) for b in buckets), bucket_bytes, alignment)
+
+
+def _check_buffer(buffer: torch.Tensor, bucket: Bucket) -> None:
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous():
+        raise ManifestError(
+            f"a stream buffer must be a contiguous 1-d uint8 tensor, got {buffer.dtype} of shape "
+            f"{list(buffer.shape)}; allocate torch.empty(plan.buffer_bytes, dtype=torch.uint8)"
+        )
+    if buffer.numel() < bucket.nbytes:
+        raise ManifestError(
+            f"a stream buffer of {buffer.numel()} bytes cannot hold a bucket of {bucket.nbytes}; allocate "
+            "plan.buffer_bytes"
+        )
+
+
+def _view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:
+    return buffer.narrow(0, slot.offset, slot.nbytes).view(slot.torch_dtype).view(slot.shape)
+
+
+def unpack(buffer: torch.Tensor, bucket: Bucket) -> dict[str, torch.Tensor]:
+    """Views of ``bucket``'s tensors in ``buffer``: no copy.
+
+    The caller owns ``buffer``; the views alias it. They go stale as soon as the buffer is reused (the
+    next-but-one bucket of a stream) or freed, so copy what you need before that. Writing through them
+    writes the buffer (which is how a sender packs a fused tensor from its parts).
+    """
+    _check_buffer(buffer, bucket)
+    return {s.name: _view(buffer, s) for s in bucket.slots}
+
+
+def pack(tensors: Mapping[str, torch.Tensor], bucket: Bucket, out: torch.Tensor) -> None:
+    """Copy ``bucket``'s tensors from ``tensors`` (any device; same dtype and shape) into ``out``.
+
+    ``out`` stays the caller's; nothing keeps a reference to it or to ``tensors`` after the call.
+    """
+    _check_buffer(out, bucket)
+    for s in bucket.slots:
+        t = tensors.get(s.name)
+        if t is None:
+            raise ManifestError(f"tensor {s.name!r} of the stream plan is missing; pass every tensor the plan names")
+        if tuple(t.shape) != s.shape or t.dtype != s.torch_dtype:
+            raise ManifestError(
+                f"tensor {s.name!r}: {t.dtype} {list(t.shape)}, but the stream plan has {s.dtype} {list(s.shape)}; "
+                "rebuild the plan with plan_buckets() for these tensors"
+            )
+        _view(out, s).copy_(t)

@@ -1,0 +1,147 @@
+"""Each way a user broke the fence, against the embedded engine: nested updates, two bridges, Ctrl-C,
+a hung trainer, and generating from the thread that holds the pause."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import pytest
+
+import ipcbridge
+from ipcbridge import BridgeError, FenceError
+from tests.helpers import tiny_config
+
+PROMPT = [3, 14, 15, 92]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with ipcbridge.LocalEngine(tiny_config("llama"), device="cpu", request_timeout=1.5) as eng:
+        yield eng
+
+
+def _not_paused(engine) -> None:
+    assert engine.paused_by is None
+    engine.generate([PROMPT], max_tokens=1)  # and it answers
+
+
+def test_update_nested_in_update_raises_and_the_outer_fence_holds(engine) -> None:
+    bridge = ipcbridge.connect(engine)
+    with bridge.update():
+        with pytest.raises(BridgeError, match="nested in update"), bridge.update():
+            pass
+        assert engine.paused_by is not None  # the inner refusal did not resume the engine
+    _not_paused(engine)
+    bridge.close()
+
+
+def test_a_second_bridges_update_inside_the_first_raises_at_once(engine) -> None:
+    first, second = ipcbridge.connect(engine), ipcbridge.connect(engine)
+    with first.update():
+        t0 = time.monotonic()
+        with pytest.raises(FenceError, match="in this very thread"), second.update():
+            pass
+        assert time.monotonic() - t0 < 1.0
+        assert engine.paused_by is not None and "bridge" in engine.paused_by
+    _not_paused(engine)
+    first.close(), second.close()
+
+
+def test_two_bridges_never_reuse_a_version(engine) -> None:
+    a, b = ipcbridge.connect(engine), ipcbridge.connect(engine)
+    seen = [engine.weight_version]
+    for bridge in (a, b, a, b, b):
+        with bridge.update():
+            pass
+        seen.append(bridge.weight_version)
+        assert engine.weight_version == bridge.weight_version
+    assert seen == sorted(set(seen)) and seen[-1] == seen[0] + 5
+    a.close(), b.close()
+
+
+def test_generate_from_the_thread_holding_the_pause_fails_at_once(engine) -> None:
+    bridge = ipcbridge.connect(engine)
+    with bridge.update():
+        t0 = time.monotonic()
+        with pytest.raises(FenceError, match=r"this very thread.*outside the `with bridge\.update"):
+            engine.generate([PROMPT], max_tokens=1)
+        assert time.monotonic() - t0 < 1.0
+    bridge.close()
+
+
+def _hold_pause(bridge, seconds: float, started: threading.Event) -> threading.Thread:
+    def run() -> None:
+        with bridge.update():
+            started.set()
+            time.sleep(seconds)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert started.wait(10)
+    return t
+
+
+def test_a_request_waiting_on_a_pause_hears_who_holds_it(engine) -> None:
+    holder = ipcbridge.connect(engine)
+    t = _hold_pause(holder, 4.0, threading.Event())
+    t0 = time.monotonic()
+    with pytest.raises(FenceError, match=r"paused by bridge .*this request waited 1\.5s"):
+        engine.generate([PROMPT], max_tokens=1)
+    assert time.monotonic() - t0 < 3.0  # the engine's answer, well before the client's own deadline
+    t.join(10)
+    _not_paused(engine)
+    holder.close()
+
+
+def test_ctrl_c_while_waiting_for_the_pause_leaves_the_engine_running(engine) -> None:
+    holder, waiter = ipcbridge.connect(engine), ipcbridge.connect(engine, wait=30.0)
+    t = _hold_pause(holder, 1.0, threading.Event())
+    threading.Timer(0.3, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt), waiter.update():
+        pytest.fail("the block must not run")
+    t.join(10)
+    time.sleep(0.2)
+    _not_paused(engine)  # the interrupted request was withdrawn; it never took the pause
+    holder.close(), waiter.close()
+
+
+def test_a_hung_trainers_lease_expires_and_the_engine_resumes_by_itself(engine) -> None:
+    bridge = ipcbridge.connect(engine, lease_seconds=0.5)
+    before = engine.weight_version
+    started, errors = threading.Event(), []
+
+    def hang() -> None:
+        try:
+            with bridge.update():
+                started.set()
+                time.sleep(2.0)
+        except FenceError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=hang, daemon=True)
+    t.start()
+    assert started.wait(10)
+    out = engine.generate([PROMPT], max_tokens=1)[0]  # waits for the expiry (0.5s), not the block (2s)
+    assert out.weight_version == before + 1 == engine.weight_version
+    t.join(10)
+    assert errors and "ran out and the engine resumed by itself" in str(errors[0])
+    _not_paused(engine)
+    bridge.close()
+
+
+def test_renew_keeps_a_long_update_fenced(engine) -> None:
+    bridge = ipcbridge.connect(engine, lease_seconds=0.5)
+    with bridge.update():
+        for _ in range(4):
+            time.sleep(0.25)
+            bridge.renew()
+        assert engine.paused_by is not None
+    assert engine.weight_version == bridge.weight_version
+    bridge.close()
+
+
+def test_an_error_raised_in_the_engine_keeps_its_type(engine) -> None:
+    with pytest.raises(FenceError, match="not the one holding its pause"):
+        engine._call("resume", {"lease": ipcbridge.fence.Lease.new("nobody", 1.0).to_dict()})
