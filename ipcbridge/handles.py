@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ipcbridge import transports
+from ipcbridge._torch import storage_key
 from ipcbridge.errors import BridgeError, ManifestError
 from ipcbridge.hf import config_dict
 from ipcbridge.manifest import Manifest, Producer, TensorSpec, boot_id
@@ -66,7 +67,7 @@ def export(
     for name, t in tensors.items():
         t = t.detach()
         st = t.untyped_storage()
-        key = st._cdata
+        key = storage_key(st)
         if key not in storage_index:
             storage_index[key] = len(storages)
             storages.append(transports.for_device(t.device).reduce_storage(st))
@@ -120,7 +121,7 @@ def _own_export(manifest: Manifest) -> OpenedManifest:
             "process's own IPC handles. Pass the state dict itself: ipcbridge.attach(state_dict, config)"
         )
     tensors = {n: t.detach() for n, t in alive.items() if t is not None}
-    storages = {t.untyped_storage()._cdata: t.untyped_storage() for t in tensors.values()}
+    storages = {storage_key(t.untyped_storage()): t.untyped_storage() for t in tensors.values()}
     return OpenedManifest(manifest, tensors, list(storages.values()))
 
 

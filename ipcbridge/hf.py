@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ipcbridge._torch import module_buffers
 from ipcbridge.errors import BridgeError, MappingError
 
 if TYPE_CHECKING:
@@ -220,9 +221,10 @@ def materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
     """
     device = torch.device(device)
     for module in model.modules():
-        for name, buf in list(module._buffers.items()):
+        buffers = module_buffers(module)
+        for name, buf in list(buffers.items()):
             if buf is not None and buf.device != device:
-                module._buffers[name] = buf.to(device)
+                buffers[name] = buf.to(device)
 
 
 def load_hf_state_dict(source: Mapping[str, Any]) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ipcbridge._torch import open_shared_cuda, share_cuda
 from ipcbridge.errors import BridgeError, ManifestError
 from ipcbridge.wire import check_int, check_keys, check_type
 
@@ -56,7 +57,7 @@ def _unb64(s: Any, where: str) -> bytes:
 
 @dataclass(frozen=True)
 class Spec:
-    """One CUDA storage as returned by ``UntypedStorage._share_cuda_()``, plus the GPU's UUID."""
+    """One CUDA storage as :func:`ipcbridge._torch.share_cuda` returns it, plus the GPU's UUID."""
 
     kind: ClassVar[str] = KIND
     gpu_uuid: str
@@ -138,9 +139,7 @@ def local_device_index(gpu_uuid: str) -> int:
 def reduce_storage(storage: torch.UntypedStorage) -> Spec:
     """Describe ``storage`` with a CUDA IPC handle. See Note [the whole segment is shared]."""
     try:
-        (device, handle, nbytes, offset_bytes, ref_handle, ref_offset, event_handle, event_sync) = (
-            storage._share_cuda_()
-        )
+        (device, handle, nbytes, offset_bytes, ref_handle, ref_offset, event_handle, event_sync) = share_cuda(storage)
     except RuntimeError as e:
         raise BridgeError(
             f"torch could not export this CUDA storage through IPC ({e}). Memory from vLLM's sleep mode "
@@ -161,7 +160,7 @@ def reduce_storage(storage: torch.UntypedStorage) -> Spec:
 
 
 def _new_shared_cuda_args(spec: Spec, local_index: int) -> tuple[Any, ...]:
-    """Arguments of ``UntypedStorage._new_shared_cuda``, in the order of ``_share_cuda_()``'s result.
+    """Arguments of :func:`ipcbridge._torch.open_shared_cuda`, in the order of ``share_cuda``'s result.
 
     Position 0 is the storage *device*: it must be this process's index of the GPU (Note [devices by
     UUID]), never the producer's ``device_index``; otherwise a trainer with another CUDA_VISIBLE_DEVICES
@@ -176,10 +175,9 @@ def _new_shared_cuda_args(spec: Spec, local_index: int) -> tuple[Any, ...]:
 def rebuild_storage(spec: Spec) -> torch.UntypedStorage:
     """Open the producer's IPC handle. A process cannot open its own handles (CUDA refuses)."""
     index = local_device_index(spec.gpu_uuid)
-    torch.cuda._lazy_init()
     try:
         with torch.cuda.device(index):
-            return torch.UntypedStorage._new_shared_cuda(*_new_shared_cuda_args(spec, index))
+            return open_shared_cuda(_new_shared_cuda_args(spec, index))
     except RuntimeError as e:
         raise BridgeError(
             f"could not open the CUDA IPC handle of GPU {spec.gpu_uuid} ({e}); the engine may have exited "

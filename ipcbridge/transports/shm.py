@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ipcbridge._torch import share_fd_cpu
 from ipcbridge.errors import BridgeError, ManifestError
 from ipcbridge.wire import check_int, check_keys
 
@@ -73,7 +74,7 @@ def reduce_storage(storage: torch.UntypedStorage) -> Spec:
     if not storage.is_shared():
         storage.share_memory_()
     try:
-        fd, nbytes = storage._share_fd_cpu_()
+        fd, nbytes = share_fd_cpu(storage)
     except RuntimeError as e:
         raise BridgeError(
             f"this CPU storage is shared with torch's 'file_system' strategy and has no fd ({e}); call "
