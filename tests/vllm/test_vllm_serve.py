@@ -8,6 +8,7 @@ equal ``bridge.weight_version``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -75,7 +76,8 @@ def server():
         H.record("serve_started", seconds=round(time.time() - t0, 1), url=url, log=log_path)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its EngineCore child (own session)
+        with contextlib.suppress(ProcessLookupError):  # a server that failed to start is gone already
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its EngineCore child (own session)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
