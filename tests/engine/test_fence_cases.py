@@ -11,6 +11,7 @@ import pytest
 
 import ipcbridge
 from ipcbridge import BridgeError, FenceError
+from ipcbridge.fence import Lease
 from tests.helpers import tiny_config
 
 PROMPT = [3, 14, 15, 92]
@@ -144,4 +145,4 @@ def test_renew_keeps_a_long_update_fenced(engine) -> None:
 
 def test_an_error_raised_in_the_engine_keeps_its_type(engine) -> None:
     with pytest.raises(FenceError, match="not the one holding its pause"):
-        engine._call("resume", {"lease": ipcbridge.fence.Lease.new("nobody", 1.0).to_dict()})
+        engine._call("resume", {"lease": Lease.new("nobody", 1.0).to_dict()})
