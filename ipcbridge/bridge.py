@@ -23,7 +23,7 @@ from ipcbridge import mapping
 from ipcbridge.attach import Attachment, attach_with_attachment
 from ipcbridge.endpoints import CanSample, Endpoint, resolve_endpoint
 from ipcbridge.errors import BridgeError
-from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, Fence, synchronize
+from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, Fence, check_settings, synchronize
 from ipcbridge.logprobs import sequence_logprobs
 from ipcbridge.manifest import Manifest
 
@@ -192,6 +192,7 @@ def connect(target: Any, *, config: Any = None, check: bool = False,
     ``update()`` holds the engine's pause for at most ``lease_seconds`` (then the engine resumes by
     itself) and waits at most ``wait`` seconds for another holder's pause to end.
     """
+    check_settings(lease_seconds, wait)  # before anything is attached
     endpoint = resolve_endpoint(target)
     t0 = time.perf_counter()
     try:

@@ -325,6 +325,14 @@ def synchronize(model: nn.Module) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_settings(lease_seconds: float, wait: float) -> None:
+    """``FenceError`` unless ``lease_seconds`` > 0 and ``wait`` >= 0 (``connect``/``stream`` check first)."""
+    for what, value, least in (("lease_seconds", lease_seconds, 0.0), ("wait", wait, -1.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > least:
+            bound = "a positive number" if least == 0.0 else "a number >= 0"
+            raise FenceError(f"{what} must be {bound} of seconds, got {value!r}")
+
+
 class Pausable(Protocol):
     """What :class:`Fence` needs of an endpoint (see :class:`ipcbridge.endpoints.Endpoint`)."""
 
@@ -347,6 +355,7 @@ class Fence:
 
     def __init__(self, endpoint: Pausable, *, holder: str, version: int, sync: Callable[[], None],
                  lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS) -> None:
+        check_settings(lease_seconds, wait)
         self.endpoint = endpoint
         self.holder = holder
         self.version = version

@@ -86,3 +86,10 @@ def test_close_inside_update_is_refused_and_the_bridge_stays_usable() -> None:
     bridge.close()
     with pytest.raises(BridgeError, match="closed"):
         bridge.parameters_outside_engine()
+
+
+def test_bad_fence_settings_are_refused_before_attaching() -> None:
+    cfg = tiny_config("llama")
+    manifest = ipcbridge.export(vllm_weights(reference_model(cfg), cfg), cfg)
+    with pytest.raises(ipcbridge.FenceError, match="lease_seconds must be a positive number"):
+        ipcbridge.connect(manifest, lease_seconds=0)

@@ -108,10 +108,10 @@ def test_an_unrenewed_lease_expires_and_the_engine_resumes_by_itself() -> None:
 def test_renewing_keeps_the_lease() -> None:
     engine = Engine()
     gate = LeaseGate(engine.resume)
-    held = lease("slow step", seconds=0.3)
+    held = lease("slow step", seconds=1.0)
     gate.acquire(held, wait=1)
-    for _ in range(4):
-        time.sleep(0.15)
+    for _ in range(4):  # 1.6 s in all, longer than the lease: only the renewals keep it
+        time.sleep(0.4)
         gate.renew(held.id)
     assert gate.holder == "slow step" and engine.version == 0
     assert gate.release(held.id) == 1
@@ -234,3 +234,11 @@ def test_an_error_in_pause_cancels_the_request(error: BaseException) -> None:
 def test_renew_outside_a_fence_is_an_error() -> None:
     with pytest.raises(FenceError, match="outside"):
         Fence(GateEndpoint(), holder="b", version=0, sync=lambda: None).renew()
+
+
+@pytest.mark.parametrize(("kw", "message"), [({"lease_seconds": 0}, "lease_seconds must be a positive number"),
+                                             ({"wait": -1}, "wait must be a number >= 0"),
+                                             ({"lease_seconds": "60"}, "lease_seconds must be")])
+def test_bad_fence_settings_are_refused_when_the_bridge_is_made(kw, message) -> None:
+    with pytest.raises(FenceError, match=message):
+        Fence(GateEndpoint(), holder="b", version=0, sync=lambda: None, **kw)

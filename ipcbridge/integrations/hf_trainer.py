@@ -68,7 +68,8 @@ class BridgeCallback(TrainerCallback):
         self._unwrap()
 
     def _check_model(self, model: Any) -> None:
-        if model is not None and getattr(model, "module", model) is not self.bridge.model and model is not self.bridge.model:
+        # The Trainer may hand over its wrapper (DDP and friends keep the model as ``.module``).
+        if model is not None and self.bridge.model not in (model, getattr(model, "module", None)):
             raise BridgeError(
                 "the Trainer trains another model than bridge.model; pass model=bridge.model to Trainer, "
                 "otherwise its steps never reach the engine"

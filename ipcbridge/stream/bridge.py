@@ -53,7 +53,7 @@ from torch import nn
 from ipcbridge import mapping
 from ipcbridge.endpoints import CanReceiveStream, Endpoint, resolve_endpoint
 from ipcbridge.errors import BridgeError, MappingError
-from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, Fence, synchronize
+from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, Fence, check_settings, synchronize
 from ipcbridge.manifest import Manifest
 from ipcbridge.stream.group import TorchGroup, check_backend, master_store
 from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, Bucket, StreamPlan, plan_buckets, unpack
@@ -376,6 +376,7 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_
     sent until :meth:`StreamBridge.update` or :meth:`StreamBridge.push`. ``lease_seconds`` and ``wait``
     are the fence's, as for :func:`ipcbridge.connect`.
     """
+    check_settings(lease_seconds, wait)  # before the engine is asked anything
     endpoint = resolve_endpoint(target)
     try:
         if not isinstance(endpoint, CanReceiveStream):

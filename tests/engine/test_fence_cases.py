@@ -133,10 +133,10 @@ def test_a_hung_trainers_lease_expires_and_the_engine_resumes_by_itself(engine) 
 
 
 def test_renew_keeps_a_long_update_fenced(engine) -> None:
-    bridge = ipcbridge.connect(engine, lease_seconds=0.5)
+    bridge = ipcbridge.connect(engine, lease_seconds=1.5)
     with bridge.update():
-        for _ in range(4):
-            time.sleep(0.25)
+        for _ in range(4):  # 2 s in all, longer than the lease: only the renewals keep it
+            time.sleep(0.5)
             bridge.renew()
         assert engine.paused_by is not None
     assert engine.weight_version == bridge.weight_version
