@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -20,7 +21,8 @@ from ipcbridge import transports
 from ipcbridge._torch import storage_key
 from ipcbridge.errors import BridgeError, ManifestError
 from ipcbridge.hf import config_dict
-from ipcbridge.manifest import Manifest, Producer, TensorSpec, boot_id
+from ipcbridge.manifest import Manifest, Producer, TensorSpec
+from ipcbridge.transports import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -126,19 +128,31 @@ def _own_export(manifest: Manifest) -> OpenedManifest:
 
 
 def open_manifest(manifest: Manifest) -> OpenedManifest:
-    """Map every storage of ``manifest`` once and rebuild its tensors as views of them."""
+    """Map every storage of ``manifest`` once and rebuild its tensors as views of them.
+
+    Every storage is checked first (Note [the trust model] in :mod:`ipcbridge.transports.provenance`): a
+    refusal is a ``BridgeError`` raised before anything is mapped, and any failure leaves nothing open.
+    """
     p = manifest.producer
-    if p.boot_id and boot_id() and p.boot_id != boot_id():
-        raise BridgeError(
-            f"the manifest comes from another machine or boot (producer {p.hostname}, pid {p.pid}); memory "
-            "can only be shared on one machine: use the NCCL fallback across machines"
-        )
+    provenance.check_boot(p.pid, p.boot_id, p.hostname)
     if p.pid == os.getpid():
         return _own_export(manifest)
+    provenance.check_alive(p.pid, p.start_time)
+    with contextlib.ExitStack() as held:
+        claims = []
+        for i, spec in enumerate(manifest.storages):
+            c = transports.get(spec.kind).claim(spec, p.pid, f"manifest.storages[{i}]")
+            held.callback(c.close)
+            claims.append(c)
+        return _map(manifest, claims)
+
+
+def _map(manifest: Manifest, claims: list[Any]) -> OpenedManifest:
+    """Map the checked storages and rebuild the tensors as views; on any failure unmap what was mapped."""
     storages: list[torch.UntypedStorage] = []
     try:
-        for spec in manifest.storages:
-            storages.append(transports.get(spec.kind).rebuild_storage(spec))
+        for c in claims:
+            storages.append(c.open())
         tensors: dict[str, torch.Tensor] = {}
         for t in manifest.tensors:
             st = storages[t.storage]

@@ -7,14 +7,18 @@ Layout of a manifest::
 
     {"format": "ipcbridge.manifest", "format_version": 1,
      "export_id": "...", "layout": "vllm", "weight_version": 3,
-     "producer": {"pid": 123, "boot_id": "...", "hostname": "..."},
+     "producer": {"pid": 123, "boot_id": "...", "hostname": "...", "start_time": 456},
      "config": {...HF config dict...} | null,
      "storages": [{"kind": "cuda_ipc" | "shm", ...transport fields...}, ...],
      "tensors": [{"name": ..., "storage": 0, "dtype": "bfloat16", "shape": [...], "stride": [...],
                   "storage_offset": 0, "nbytes": ...}, ...]}
 
-``Manifest.from_json`` validates every field (types, version, dtype names, and that every tensor's
-shape/stride/offset lies inside its storage's bytes) before anything is mapped.
+``Manifest.from_json`` validates every field before anything is mapped: JSON size and depth, types (a bool
+or a float is not an int), 64-bit bounds, the version, dtype names, that every tensor's shape, stride and
+offset lie inside its storage's bytes without elements sharing memory, that there is at least one tensor and
+that every storage is used. Every refusal is a ``ManifestError`` naming the field. Whether the storages are
+really the producer's is checked when they are opened (Note [the trust model] in
+:mod:`ipcbridge.transports.provenance`).
 """
 
 from __future__ import annotations
@@ -28,21 +32,30 @@ from typing import Any
 import torch
 
 from ipcbridge.errors import ManifestError
+from ipcbridge.transports.provenance import boot_id, process_start_time
 from ipcbridge.wire import (
     DTYPES,
     check_dims,
     check_format,
     check_int,
     check_keys,
+    check_strides,
     check_tensor,
     check_type,
     check_version,
     dtype_name,
+    parse_json,
 )
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "LAYOUTS", "MAX_MANIFEST_BYTES", "Manifest", "Producer", "TensorSpec",
+           "boot_id"]
 
 FORMAT = "ipcbridge.manifest"
 FORMAT_VERSION = 1
 LAYOUTS = ("vllm", "hf", "meta")
+#: The longest manifest JSON read: a 400B-parameter model's manifest is about 1 MB, so 64 MiB is ample
+#: headroom while bounding what a peer can make the trainer buffer and parse.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 # ----------------------------------------------------------------------------------------------------
 
@@ -67,6 +80,7 @@ class TensorSpec:
         if len(self.shape) != len(self.stride):
             raise ManifestError(f"{where}: shape {list(self.shape)} and stride {list(self.stride)} differ in rank")
         check_int(self.storage_offset, f"{where}.storage_offset")
+        check_strides(self.shape, self.stride, where)  # every exported tensor is trainable
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -117,31 +131,35 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Producer:
-    """The exporting process. Consumers use it to refuse handles from another boot or from themselves."""
+    """The exporting process. Consumers refuse manifests of another boot, of a process that is gone, and
+    storages of any other process (Note [the trust model] in :mod:`ipcbridge.transports.provenance`).
+
+    ``start_time`` (clock ticks after boot, from ``/proc/<pid>/stat``; 0 where unknown) tells the producer
+    from a later process that reused its pid.
+    """
 
     pid: int
     boot_id: str
     hostname: str
+    start_time: int = 0
 
     def __post_init__(self) -> None:
-        check_int(self.pid, "producer.pid", minimum=1)
-        check_type(self.boot_id, str, "producer.boot_id")
-        check_type(self.hostname, str, "producer.hostname")
+        check_int(self.pid, "manifest.producer.pid", minimum=1)
+        check_type(self.boot_id, str, "manifest.producer.boot_id")
+        check_type(self.hostname, str, "manifest.producer.hostname")
+        check_int(self.start_time, "manifest.producer.start_time")
 
     @classmethod
     def current(cls) -> Producer:
         import os
         import socket
 
-        return cls(pid=os.getpid(), boot_id=boot_id(), hostname=socket.gethostname())
+        pid = os.getpid()
+        return cls(pid=pid, boot_id=boot_id(), hostname=socket.gethostname(),
+                   start_time=process_start_time(pid) or 0)
 
-
-def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "boot_id": self.boot_id, "hostname": self.hostname, "start_time": self.start_time}
 
 
 @dataclass(frozen=True)
@@ -163,14 +181,26 @@ class Manifest:
 
     def __post_init__(self) -> None:
         check_type(self.export_id, str, "manifest.export_id")
+        check_type(self.layout, str, "manifest.layout")
         if self.layout not in LAYOUTS:
             raise ManifestError(f"manifest.layout: unknown layout {self.layout!r}; expected one of {LAYOUTS}")
         check_int(self.weight_version, "manifest.weight_version")
         if self.config is not None:
             check_type(self.config, Mapping, "manifest.config")
         check_version(self.format_version, FORMAT_VERSION, "manifest")
+        check_type(self.producer, Producer, "manifest.producer")
+        if not self.tensors:
+            raise ManifestError(
+                "manifest.tensors: empty; a manifest describes at least one tensor (ipcbridge.export refuses an "
+                "empty state dict, so this one was not written by it)"
+            )
+        self._check_tensors()
+
+    def _check_tensors(self) -> None:
+        """Unique names, storage indices in range, every view inside its storage, and every storage used."""
         seen: set[str] = set()
         for t in self.tensors:
+            check_type(t, TensorSpec, "manifest.tensors[]")
             if t.name in seen:
                 raise ManifestError(f"manifest.tensors: duplicate tensor name {t.name!r}")
             seen.add(t.name)
@@ -185,6 +215,12 @@ class Manifest:
                     f"{t.storage_offset} reaches byte {t.extent_bytes()}, past the end of storage "
                     f"{t.storage} ({size} bytes)"
                 )
+        unused = sorted(set(range(len(self.storages))) - {t.storage for t in self.tensors})
+        if unused:
+            raise ManifestError(
+                f"manifest.storages[{unused[0]}]: no tensor views it; a manifest lists only the storages its tensors "
+                "use (a consumer maps every storage, so an unused one would be mapped for nothing)"
+            )
 
     # -- views ---------------------------------------------------------------------------------------
 
@@ -215,8 +251,7 @@ class Manifest:
             "export_id": self.export_id,
             "layout": self.layout,
             "weight_version": self.weight_version,
-            "producer": {"pid": self.producer.pid, "boot_id": self.producer.boot_id,
-                         "hostname": self.producer.hostname},
+            "producer": self.producer.to_dict(),
             "config": None if self.config is None else dict(self.config),
             "storages": [s.to_dict() for s in self.storages],
             "tensors": [t.to_dict() for t in self.tensors],
@@ -233,7 +268,7 @@ class Manifest:
                "storages", "tensors"}
         version = check_format(d, FORMAT, FORMAT_VERSION, "manifest")["format_version"]
         check_keys(d, top, set(), "manifest")
-        p = check_keys(d["producer"], {"pid", "boot_id", "hostname"}, set(), "manifest.producer")
+        p = check_keys(d["producer"], {"pid", "boot_id", "hostname"}, {"start_time"}, "manifest.producer")
         check_type(d["storages"], list, "manifest.storages")
         check_type(d["tensors"], list, "manifest.tensors")
         storages = tuple(
@@ -256,8 +291,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
-        try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-            raise ManifestError(f"manifest is not valid JSON ({e}); pass the string from Manifest.to_json()") from e
+        """Parse and validate a manifest (at most :data:`MAX_MANIFEST_BYTES`, nested at most
+        :data:`ipcbridge.wire.MAX_JSON_DEPTH` deep)."""
+        d = parse_json(text, "manifest", max_bytes=MAX_MANIFEST_BYTES, error=ManifestError,
+                       hint="; pass the string from Manifest.to_json()")
         return cls.from_dict(d)

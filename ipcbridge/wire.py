@@ -2,7 +2,9 @@
 
 Everything that arrives from another process (a manifest, a stream plan, a reply from the engine or a vLLM
 worker) is checked here, field by field, before it is used; each check names the dotted path of the field
-so an error says exactly which one was wrong. Nothing is ever unpickled.
+so an error says exactly which one was wrong. Nothing is ever unpickled. JSON text is parsed here too
+(:func:`parse_json`), under a size and a depth limit that every caller states, so that no peer can make
+a reader buffer without bound or recurse until ``RecursionError``.
 
 Note [the envelope]
     Every RPC answer, on the embedded engine's control socket and from vLLM's ``collective_rpc``, is one
@@ -14,7 +16,9 @@ Note [the envelope]
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +27,13 @@ import torch
 from ipcbridge.errors import IpcBridgeError, ManifestError, error_type
 
 REPLY_FORMAT = "ipcbridge.reply"
+
+#: The largest int any field may hold: torch's sizes, strides, offsets and byte counts are int64, and a
+#: larger value would pass validation only to make torch raise a C++ ``TypeError`` later.
+INT64_MAX = 2**63 - 1
+#: How deeply JSON that crosses a process may nest. Manifests, stream plans, HF configs and requests nest
+#: fewer than 10 levels; Python's decoder recurses once per level and raises ``RecursionError`` near 1000.
+MAX_JSON_DEPTH = 64
 
 #: dtype names that may cross a process (``str(torch.bfloat16) == "torch.bfloat16"`` minus the prefix).
 DTYPES: dict[str, torch.dtype] = {
@@ -59,10 +70,19 @@ def check_type(value: Any, types: type | tuple[type, ...], where: str) -> Any:
     return value
 
 
-def check_int(value: Any, where: str, minimum: int | None = 0) -> int:
+def _short(value: Any, n: int = 40) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an int of {value.bit_length()} bits"
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def check_int(value: Any, where: str, minimum: int | None = 0, maximum: int = INT64_MAX) -> int:
+    """An int (not a bool, not a float) in ``[minimum, maximum]``; by default a non-negative int64."""
     check_type(value, int, where)
     if minimum is not None and value < minimum:
-        raise ManifestError(f"{where}: must be >= {minimum}, got {value}")
+        raise ManifestError(f"{where}: must be >= {minimum}, got {_short(value)}")
+    if value > maximum:
+        limit = "an int64" if maximum == INT64_MAX else f"<= {maximum}"
+        raise ManifestError(f"{where}: must be {limit}, got {_short(value)}")
     return value
 
 
@@ -87,6 +107,8 @@ def check_format(d: Any, fmt: str, version: int, what: str) -> Mapping[str, Any]
 
 
 def check_version(got: Any, version: int, what: str) -> None:
+    # ``True == 1`` and ``1.0 == 1`` in Python: the type is checked first, so neither passes for version 1.
+    check_type(got, int, f"{what}.format_version")
     if got != version:
         raise ManifestError(
             f"{what}.format_version: {got!r} is not supported (this ipcbridge reads {version}); use the same "
@@ -116,6 +138,33 @@ def check_dims(dims: Any, where: str) -> tuple[int, ...]:
     return dims
 
 
+def check_strides(shape: tuple[int, ...], stride: tuple[int, ...], where: str) -> None:
+    """Every element of the strided view has its own memory location: no zero or overlapping strides.
+
+    The view's elements are parameters a trainer steps in place; two elements sharing one location would
+    each receive the other's update (and an optimizer's state would be wrong for both). The test is the
+    mixed-radix one: sorted by stride, each dimension's stride exceeds the farthest offset the smaller ones
+    reach. It accepts every view torch makes of one tensor without expanding it (row and column slices,
+    transposes), and refuses expanded (broadcast) and self-overlapping views.
+    """
+    if 0 in shape:
+        return  # no elements, nothing can overlap
+    reach = 0  # the largest offset, in elements, the dimensions seen so far reach
+    for s, n, i in sorted((s, n, i) for i, (n, s) in enumerate(zip(shape, stride, strict=True)) if n > 1):
+        if s == 0:
+            raise ManifestError(
+                f"{where}.stride[{i}]: 0 on a dimension of size {n}, so its {n} elements share one memory location "
+                "(an expanded tensor), which cannot be trained in place; export a tensor that owns its elements"
+            )
+        if s <= reach:
+            raise ManifestError(
+                f"{where}.stride[{i}]: {s} overlaps the dimensions with smaller strides (they reach offset {reach}): "
+                "elements of this view would share memory, which cannot be trained in place; export a tensor "
+                "whose elements do not alias each other"
+            )
+        reach += (n - 1) * s
+
+
 def check_tensor(name: Any, dtype: Any, shape: Any, nbytes: Any, where: str) -> None:
     """The fields every tensor description shares: a name, a known dtype, a shape, and its byte count."""
     check_name(name, where)
@@ -125,6 +174,49 @@ def check_tensor(name: Any, dtype: Any, shape: Any, nbytes: Any, where: str) -> 
     expected = math.prod(shape) * torch_dtype.itemsize
     if nbytes != expected:
         raise ManifestError(f"{where}.nbytes: {nbytes} != numel x itemsize = {expected}")
+
+
+# ---- JSON text -----------------------------------------------------------------------------------------
+
+# A string (skipped whole, escapes included) or one bracket: enough to count nesting without a parser.
+_JSON_NESTING = {
+    bytes: re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|(?P<open>[\[{])|(?P<close>[\]}])', re.DOTALL),
+    str: re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(?P<open>[\[{])|(?P<close>[\]}])', re.DOTALL),
+}
+
+
+def check_json_depth(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH,
+                     error: type[IpcBridgeError] = ManifestError, hint: str = "") -> None:
+    """Refuse JSON ``text`` nested deeper than ``max_depth``, before a recursive decoder sees it.
+
+    A linear scan (strings skipped whole, so brackets inside them do not count). On valid JSON it counts
+    exactly; on invalid JSON it can only over-count, and the decoder refuses that text anyway.
+    """
+    depth = 0
+    pattern = _JSON_NESTING[bytes] if isinstance(text, (bytes, bytearray)) else _JSON_NESTING[str]
+    for m in pattern.finditer(text):  # type: ignore[arg-type]
+        if m.lastgroup == "open":
+            depth += 1
+            if depth > max_depth:
+                raise error(f"{what}: JSON nested deeper than {max_depth} levels (the limit){hint}")
+        elif m.lastgroup == "close":
+            depth -= 1
+
+
+def parse_json(text: Any, what: str, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH,
+               error: type[IpcBridgeError] = ManifestError, hint: str = "") -> Any:
+    """Decode JSON that came from another process: at most ``max_bytes`` long (characters for a ``str``),
+    nested at most ``max_depth`` deep. Every refusal is ``error`` naming ``what`` and the limit; ``hint``
+    (``"; do this"``) is appended to each."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise error(f"{what}: expected JSON text, got {type(text).__name__}{hint}")
+    if len(text) > max_bytes:
+        raise error(f"{what}: {len(text)} bytes of JSON, more than the limit of {max_bytes}{hint}")
+    check_json_depth(text, what, max_depth, error, hint)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{what}: not JSON ({str(e)[:200]}){hint}") from None
 
 
 # ---- the envelope (Note [the envelope]) ----------------------------------------------------------------

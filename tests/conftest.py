@@ -7,6 +7,11 @@ import pytest
 from tests.helpers import tiny_config
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Soak and leak checks: part of the default run (and of .ci/run); deselect with -m "not slow".
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (soak and leak checks)")
+
+
 @pytest.fixture
 def llama_config():
     return tiny_config("llama")

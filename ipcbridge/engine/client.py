@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ipcbridge.engine import protocol
+from ipcbridge.engine.inputs import Limits
 from ipcbridge.engine.types import GenerateOutput
 from ipcbridge.errors import EngineError
 from ipcbridge.fence import Lease, caller_id
@@ -77,6 +78,9 @@ class LocalEngine:
         dtype = dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
         dtype_name = str(dtype).removeprefix("torch.")
         self.request_timeout = request_timeout
+        #: The model's context and vocabulary, from the engine's first ping: requests are checked against them
+        #: here, before they are sent (Note [bounded requests] in ipcbridge.engine.inputs).
+        self.limits: Limits | None = None
         source = _source(model, seed)
         # Note [control channel security]: a private 0700 directory holds the socket and the log.
         self._dir = tempfile.mkdtemp(prefix="ipcbridge-engine-")
@@ -119,10 +123,12 @@ class LocalEngine:
                 raise EngineError(f"engine process exited with code {code} while starting:\n{self._log_tail()}")
             if os.path.exists(self.socket_path):
                 try:
-                    protocol.call(self.socket_path, self._token, "ping", timeout=5.0)
-                    return
+                    pong = protocol.call(self.socket_path, self._token, "ping", timeout=5.0)
                 except EngineError:
-                    pass
+                    time.sleep(0.05)
+                    continue
+                self.limits = Limits.from_dict(pong)
+                return
             time.sleep(0.05)
         raise EngineError(f"engine did not start within {timeout:.0f}s:\n{self._log_tail()}")
 
@@ -175,7 +181,13 @@ class LocalEngine:
     def generate(
         self, prompts: list[list[int]], max_tokens: int = 16, temperature: float = 0.0, seed: int | None = None
     ) -> list[GenerateOutput]:
-        """Complete each prompt (token ids). Greedy at ``temperature=0``; ``seed`` makes sampling repeatable."""
+        """Complete each prompt (token ids). Greedy at ``temperature=0``; ``seed`` makes sampling repeatable.
+
+        Each prompt plus ``max_tokens`` must fit the model's context (``max_position_embeddings``): checked
+        here, before anything is sent, and again by the engine (``EngineError`` naming the argument).
+        """
+        if self.limits is not None:
+            self.limits.check_generate(prompts, max_tokens, temperature, seed)
         result = self._waiting_call(
             "generate", {"prompts": prompts, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         )
@@ -183,11 +195,14 @@ class LocalEngine:
 
     def score(self, prompt: list[int], completion: list[int]) -> list[float]:
         """The engine's logprob of each ``completion`` token after ``prompt`` (one full forward pass)."""
+        if self.limits is not None:
+            self.limits.check_score(prompt, completion)
         return list(self._waiting_call("score", {"prompt": prompt, "completion": completion}))
 
     def _waiting_call(self, op: str, args: dict[str, Any]) -> Any:
-        """A request that may wait at the engine's pause gate. See Note [no hangs] for the two deadlines."""
-        args = {**args, "wait": self.request_timeout, "caller": caller_id()}
+        """A request that may wait at the engine's pause gate. See Note [no hangs] for the two deadlines: the
+        engine stops the request at ``deadline`` (Note [bounded requests]), its reply arrives before ours."""
+        args = {**args, "wait": self.request_timeout, "deadline": self.request_timeout, "caller": caller_id()}
         return self._call(op, args, timeout=self.request_timeout + protocol.REPLY_GRACE)
 
     def manifest(self) -> Manifest:
@@ -206,7 +221,7 @@ class LocalEngine:
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
 
-    # -- streamed weights (ipcbridge.stream; Note [streamed weights] in engine.server) -----------------
+    # -- streamed weights (ipcbridge.stream; Note [streamed weights] in stream.receiver) ---------------
 
     def stream_init(self, stream_id: str, *, host: str, port: int, backend: str, timeout: float,
                     plan: Mapping[str, Any]) -> None:
@@ -232,7 +247,7 @@ class LocalEngine:
 class LocalEndpoint:
     """The bridge's view of a LocalEngine. Closing it leaves the engine running.
 
-    The engine keeps the lease (Note [pause gate] in :mod:`ipcbridge.engine.server`); ``drain`` bounds the
+    The engine keeps the lease (Note [pause gate] in :mod:`ipcbridge.engine.core`); ``drain`` bounds the
     wait for in-flight generation once the pause is granted.
     """
 

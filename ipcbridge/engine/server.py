@@ -1,36 +1,32 @@
 """The embedded engine process: ``python -m ipcbridge.engine.server`` (started by ``LocalEngine``).
 
-It keeps an HF model's weights the way vLLM does (fused ``qkv_proj``/``gate_up_proj``, padded vocab, built
-by ``mapping.to_vllm``), runs its own HF model as zero-copy views over them (``attach`` in-process),
-generates with a KV cache and a prefix cache, exports the same manifest a vLLM worker would, and obeys
-pause/resume so a trainer can fence its updates.
+The engine itself (weights, generation, the pause gate) is :class:`ipcbridge.engine.core.Engine`; this
+module is its control socket (Note [request framing] in :mod:`ipcbridge.engine.protocol`) and the process.
 
-Note [pause gate]
-    The engine's pause is a lease (:class:`ipcbridge.fence.LeaseGate`; Note [owned, leased pauses]):
-    ``pause`` grants it to one trainer at a time, closes the gate and waits until no generation is in
-    flight; requests that arrive meanwhile wait at the gate, or fail with the holder's name. Only the
-    lease's id resumes it, and so does the watchdog when the lease runs out. Resuming first drops the prefix
-    cache (its KV was computed with the old weights), then moves the version forward (the engine owns
-    it) and opens the gate. So every generation runs entirely on one weight version, the one it reports.
-
-Where the trainer cannot map these weights, it streams its own into them: the engine's side of that is
-:class:`ipcbridge.stream.receiver.StreamReceiver` (Note [streamed weights] there).
+Note [serving under load]
+    The socket listens with a backlog of :data:`LISTEN_BACKLOG`, so a burst of clients queues rather than
+    being refused (and clients retry a full backlog; Note [no hangs]). Each accepted connection gets a
+    handler thread, at most :data:`MAX_HANDLERS` at once; beyond that a connection is answered at once
+    with a "busy" error that clients retry, so a flood of connections costs threads only up to the bound.
+    A peer has :data:`~ipcbridge.engine.protocol.READ_DEADLINE_SECONDS` to send its whole request, so
+    stalled peers give their threads back. Every bad request is answered (``ok: false``, naming what was
+    wrong) and never stops the engine from serving everyone else.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import logging
 import os
+import select
 import shutil
+import socket
 import socketserver
 import sys
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -38,165 +34,144 @@ import torch
 
 from ipcbridge import wire
 from ipcbridge.engine import protocol
+from ipcbridge.engine.inputs import DEFAULT_DEADLINE_SECONDS, Budget, check_int, check_number
 from ipcbridge.errors import EngineError, FenceError, IpcBridgeError
-from ipcbridge.fence import Lease, LeaseGate
-from ipcbridge.hf import load_hf_state_dict
-from ipcbridge.logprobs import sequence_logprobs
-from ipcbridge.stream.receiver import StreamReceiver
+from ipcbridge.fence import Lease
 
 logger = logging.getLogger("ipcbridge.engine.server")
 
-PREFIX_CACHE_SIZE = 64
+#: Connections the kernel queues before the engine accepts them: bursts from a trainer's worker pool
+#: (socketserver's default of 5 lost requests to 8 threads pinging at once).
+LISTEN_BACKLOG = 128
+#: Handler threads at once. Each is one request: waiting at the gate or for the forward lock, or reading
+#: from a slow peer (for at most the read deadline). 64 is many times a trainer's concurrency and bounds
+#: what a flood of connections costs.
+MAX_HANDLERS = 64
+#: Seconds to wait for a "busy" reply to be taken by a peer that does not read it.
+_BUSY_SEND_SECONDS = 1.0
 
 
-class Engine:
-    """The engine's state. Owns the vLLM-layout tensors; its HF model and every consumer only view them."""
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A threaded unix-socket server with a bounded number of handler threads (Note [serving under load])."""
 
-    def __init__(self, source: dict[str, Any], device: str, dtype: torch.dtype) -> None:
-        import ipcbridge
-        from ipcbridge.mapping import to_vllm
-
-        config, hf_state = load_hf_state_dict(source)
-        # Own, contiguous storage per vLLM tensor (to_vllm may alias an HF tensor for unfused ones).
-        self.weights = {
-            n: t.to(device=device, dtype=dtype, copy=True).contiguous() for n, t in to_vllm(hf_state, config).items()
-        }
-        del hf_state
-        self.config = config
-        # Export first: on CPU this moves the storages into shared memory in place (see transports.shm),
-        # and the views below must be taken of the final memory.
-        self.export_manifest = ipcbridge.export(self.weights, config, layout="vllm")
-        self.model = ipcbridge.attach(self.weights, config)
-        self.model.requires_grad_(False)
-        self.device = torch.device(device)
-        self.version = 0
-        self.gate = LeaseGate(self._publish, name=f"the embedded engine (pid {os.getpid()})")
-        self.lock = threading.Lock()  # one forward pass at a time
-        self.prefix_cache: OrderedDict[tuple[int, ...], tuple[Any, torch.Tensor]] = OrderedDict()
-        self.stats = {"requests": 0, "prefix_hits": 0, "prefix_drops": 0, "pauses": 0, "stream_receives": 0,
-                      "stream_bytes": 0}
-        self.receiver = StreamReceiver(self.weights, self.device, self.stats)
-
-    # -- generation ----------------------------------------------------------------------------------
-
-    def _prefill(self, prompt: list[int]) -> tuple[Any, torch.Tensor]:
-        key = tuple(prompt)
-        hit = self.prefix_cache.get(key)
-        if hit is not None:
-            self.prefix_cache.move_to_end(key)
-            self.stats["prefix_hits"] += 1
-            return copy.deepcopy(hit[0]), hit[1]
-        out = self.model(torch.tensor([prompt], device=self.device), use_cache=True)
-        logits = out.logits[0, -1]
-        self.prefix_cache[key] = (copy.deepcopy(out.past_key_values), logits)
-        if len(self.prefix_cache) > PREFIX_CACHE_SIZE:
-            self.prefix_cache.popitem(last=False)
-        return out.past_key_values, logits
-
-    @torch.inference_mode()
-    def generate_one(self, prompt: list[int], max_tokens: int, temperature: float,
-                     generator: torch.Generator | None) -> dict[str, Any]:
-        cache, logits = self._prefill(prompt)
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        for i in range(max_tokens):
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            if temperature <= 0:
-                tok = int(torch.argmax(lp))
-            else:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                tok = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-            tokens.append(tok)
-            logprobs.append(float(lp[tok]))
-            if i + 1 < max_tokens:
-                out = self.model(torch.tensor([[tok]], device=self.device), past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[0, -1]
-        return {"token_ids": tokens, "logprobs": logprobs, "weight_version": self.version}
-
-    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int | None,
-                 wait: float, caller: str = "") -> list[dict[str, Any]]:
-        vocab = self.model.config.vocab_size
-        for p in prompts:
-            if not p or any(not isinstance(t, int) or not 0 <= t < vocab for t in p):
-                raise ValueError(f"prompts must be non-empty lists of token ids in [0, {vocab})")
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator().manual_seed(seed if seed is not None else self.stats["requests"])
-        with self.gate.enter(caller, wait), self.lock:
-            self.stats["requests"] += 1
-            return [self.generate_one(p, max_tokens, temperature, generator) for p in prompts]
-
-    def score(self, prompt: list[int], completion: list[int], wait: float, caller: str = "") -> list[float]:
-        """Logprobs of ``completion`` after ``prompt`` from one full forward pass (no caches)."""
-        with self.gate.enter(caller, wait), self.lock:
-            return sequence_logprobs(self.model, prompt, completion)
-
-    # -- weight updates ------------------------------------------------------------------------------
-
-    def pause(self, lease: Lease, wait: float, drain: float) -> None:
-        self.gate.acquire(lease, wait, drain)
-        self.stats["pauses"] += 1
-
-    def _publish(self, reason: str) -> int:
-        """Step 4 of Note [the fence], called by the gate with its lock held: no generation runs."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stats["prefix_drops"] += len(self.prefix_cache)
-        self.prefix_cache.clear()
-        self.version += 1
-        logger.info("weight version %d (%s)", self.version, reason)
-        return self.version
-
-    def manifest(self) -> dict[str, Any]:
-        return self.export_manifest.replace(weight_version=self.version).to_dict()
-
-    # -- streamed weights (Note [streamed weights] in ipcbridge.stream.receiver) -----------------------
-
-    def stream_init(self, stream_id: str, host: str, port: int, backend: str, timeout: float,
-                    plan: dict[str, Any]) -> None:
-        self.receiver.init(stream_id, host, port, backend, timeout, plan)
-
-    def stream_receive(self, stream_id: str) -> dict[str, Any]:
-        return self.receiver.receive(stream_id, paused=self.gate.paused, lock=self.lock)
-
-    def stream_close(self, stream_id: str | None = None, wait: float = -1) -> None:
-        self.receiver.close(stream_id, wait)
-
-
-class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
-    engine: Engine
-    token: str
+    block_on_close = False  # closing must not wait for a stalled peer or a long request (both are bounded)
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, path: str, engine: Any, token: str, *, read_seconds: float = protocol.READ_DEADLINE_SECONDS,
+                 max_handlers: int = MAX_HANDLERS) -> None:
+        super().__init__(path, _Handler)
+        self.engine = engine
+        self.token = token
+        self.read_seconds = read_seconds
+        self._slots = threading.BoundedSemaphore(max_handlers)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            busy = EngineError("engine busy: every request handler is taken, and stayed taken until this client's "
+                               "deadline; retry later, or raise the request timeout")
+            _reply(request, {**wire.reply_error(busy), "retry": True}, _BUSY_SEND_SECONDS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.exception("control socket: a request failed outside its handler")
+
+
+def _reply(sock: socket.socket, msg: dict[str, Any], timeout: float) -> None:
+    with contextlib.suppress(OSError):  # the client went away; nothing to tell
+        sock.settimeout(timeout)
+        sock.sendall(protocol.encode(msg))
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """The client closed its end (it gave up, or was cancelled): Note [bounded requests]."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
 
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         server: _Server = self.server  # type: ignore[assignment]
+        sock: socket.socket = self.request
         try:
-            msg = protocol.read_message(self.request)
-        except (ConnectionError, ValueError) as e:
-            self._reply(wire.reply_error(ValueError(f"bad request: {e}")))
+            op, args = protocol.read_request(sock, server.token, server.read_seconds)
+        except EngineError as e:
+            logger.warning("refused a request: %s", e)
+            self._answer(wire.reply_error(e))
             return
-        if not protocol.token_ok(msg.get("token"), server.token):
-            logger.warning("refused a request with a wrong token")
-            self._reply(wire.reply_error(EngineError("wrong token: use the token of the engine you started")))
+        except TimeoutError:
+            self._answer(wire.reply_error(EngineError(
+                f"bad request: no complete request within {server.read_seconds:.0f}s of connecting")))
             return
-        op, args = msg.get("op"), msg.get("args") or {}
+        except (ConnectionError, OSError) as e:
+            logger.info("a client left before sending a whole request: %s", e)
+            return
         try:
-            result = _dispatch(server, op, args)
+            result = _dispatch(server, op, args, lambda: _peer_gone(sock))
         except IpcBridgeError as e:  # the library's own refusals: the message says it all
             logger.info("request %r refused: %s", op, e)
-            self._reply(wire.reply_error(e))
+            self._answer(wire.reply_error(e))
             return
         except Exception as e:  # the envelope carries it to the client (Note [the envelope])
             logger.exception("request %r failed", op)
-            self._reply(wire.reply_error(e))
+            self._answer(wire.reply_error(e))
             return
-        self._reply(wire.reply_ok(result))
+        self._answer(wire.reply_ok(result))
 
-    def _reply(self, msg: dict[str, Any]) -> None:
-        with contextlib.suppress(OSError):  # the client went away; nothing to tell
-            self.request.sendall(protocol.encode(msg))
+    def _answer(self, msg: dict[str, Any]) -> None:
+        _reply(self.request, msg, self.server.read_seconds)  # type: ignore[attr-defined]
+
+
+# ---- requests -----------------------------------------------------------------------------------------
+
+
+def _arg(args: dict[str, Any], op: str, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """``args[name]``, of type ``kind``; ``EngineError`` ("bad request") naming it if missing or mistyped."""
+    if name not in args:
+        if default is ...:
+            raise EngineError(f"bad request: {op!r} needs args.{name}")
+        return default
+    value = args[name]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise EngineError(f"bad request: {op}: args.{name} must not be a bool")
+    if not isinstance(value, kind):
+        raise EngineError(f"bad request: {op}: args.{name} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _budget(args: dict[str, Any], op: str, gone: Any) -> tuple[float, str, Budget]:
+    """The wait at the gate, the caller, and the request's budget (Note [bounded requests])."""
+    wait = check_number(_arg(args, op, "wait", (int, float), 60.0), f"{op}: args.wait")
+    caller = _arg(args, op, "caller", str, "")
+    seconds = check_number(_arg(args, op, "deadline", (int, float), DEFAULT_DEADLINE_SECONDS), f"{op}: args.deadline")
+    return wait, caller, Budget.start(seconds, gone)
+
+
+def _generation_ops(engine: Any, op: str, args: dict[str, Any], gone: Any) -> Any:
+    wait, caller, budget = _budget(args, op, gone)
+    if op == "generate":
+        return engine.generate(_arg(args, op, "prompts", list), _arg(args, op, "max_tokens", int, 16),
+                               _arg(args, op, "temperature", (int, float), 0.0), _arg(args, op, "seed", (int, type(None)), None),
+                               wait, caller, budget)
+    return engine.score(_arg(args, op, "prompt", list), _arg(args, op, "completion", list), wait, caller, budget)
 
 
 def _lease(args: dict[str, Any]) -> Lease:
@@ -206,18 +181,11 @@ def _lease(args: dict[str, Any]) -> Lease:
     return Lease(id=d.get("id"), holder=d.get("holder"), seconds=d.get("seconds"), caller=d.get("caller"))
 
 
-def _generation_ops(engine: Engine, op: str, args: dict[str, Any]) -> Any:
-    wait, caller = float(args.get("wait", 60.0)), str(args.get("caller", ""))
-    if op == "generate":
-        return engine.generate([list(p) for p in args["prompts"]], int(args.get("max_tokens", 16)),
-                               float(args.get("temperature", 0.0)), args.get("seed"), wait, caller)
-    return engine.score(list(args["prompt"]), list(args["completion"]), wait, caller)
-
-
-def _fence_ops(engine: Engine, op: str, args: dict[str, Any]) -> Any:
+def _fence_ops(engine: Any, op: str, args: dict[str, Any]) -> Any:
     lease = _lease(args)
     if op == "pause":
-        return engine.pause(lease, float(args.get("wait", 60.0)), float(args.get("drain", 60.0)))
+        return engine.pause(lease, check_number(_arg(args, op, "wait", (int, float), 60.0), "pause: args.wait"),
+                            check_number(_arg(args, op, "drain", (int, float), 60.0), "pause: args.drain"))
     if op == "renew":
         return engine.gate.renew(lease.id)
     if op == "resume":
@@ -225,30 +193,40 @@ def _fence_ops(engine: Engine, op: str, args: dict[str, Any]) -> Any:
     return engine.gate.cancel(lease.id)
 
 
-def _dispatch(server: _Server, op: Any, args: dict[str, Any]) -> Any:
+def _stream_ops(engine: Any, op: str, args: dict[str, Any]) -> Any:
+    stream_id = _arg(args, op, "stream_id", str)
+    if op == "stream_init":
+        return engine.stream_init(stream_id, _arg(args, op, "host", str),
+                                  check_int(_arg(args, op, "port", int), "stream_init: args.port", 0, 65535),
+                                  _arg(args, op, "backend", str),
+                                  check_number(_arg(args, op, "timeout", (int, float)), "stream_init: args.timeout"),
+                                  _arg(args, op, "plan", dict))
+    if op == "stream_receive":
+        return engine.stream_receive(stream_id)
+    return engine.stream_close(stream_id)
+
+
+def _dispatch(server: _Server, op: str, args: dict[str, Any], gone: Any) -> Any:
     engine = server.engine
     if op == "ping":
-        return {"pid": os.getpid(), "version": engine.version, "paused": engine.gate.paused,
-                "holder": engine.gate.holder}
+        return engine.ping()
     if op == "manifest":
         return engine.manifest()
     if op in ("generate", "score"):
-        return _generation_ops(engine, op, args)
+        return _generation_ops(engine, op, args, gone)
     if op in ("pause", "renew", "resume", "cancel"):
         return _fence_ops(engine, op, args)
-    if op == "stream_init":
-        return engine.stream_init(str(args["stream_id"]), str(args["host"]), int(args["port"]),
-                                  str(args["backend"]), float(args["timeout"]), args["plan"])
-    if op == "stream_receive":
-        return engine.stream_receive(str(args["stream_id"]))
-    if op == "stream_close":
-        return engine.stream_close(str(args["stream_id"]))
+    if op in ("stream_init", "stream_receive", "stream_close"):
+        return _stream_ops(engine, op, args)
     if op == "stats":
         return {**engine.stats, "version": engine.version, "prefix_cache": len(engine.prefix_cache)}
     if op == "shutdown":
         threading.Thread(target=server.shutdown, daemon=True).start()
         return None
-    raise ValueError(f"unknown op {op!r}")
+    raise EngineError(f"bad request: unknown op {op!r:.60}; use the same ipcbridge version in the engine and the trainer")
+
+
+# ---- the process ----------------------------------------------------------------------------------------
 
 
 def _exit_with_parent(server: _Server, parent: int, workdir: str) -> None:
@@ -262,6 +240,8 @@ def _exit_with_parent(server: _Server, parent: int, workdir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ipcbridge.engine.core import Engine
+
     ap = argparse.ArgumentParser(prog="python -m ipcbridge.engine.server")
     ap.add_argument("--socket", required=True)
     ap.add_argument("--source", required=True, help="JSON file: {'config': {...}, 'seed': n} or {'path': dir}")
@@ -276,9 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) // 2)))
     source = json.loads(Path(args.source).read_text())
     engine = Engine(source, args.device, getattr(torch, args.dtype))
-    server = _Server(args.socket, _Handler)
+    server = _Server(args.socket, engine, token)
     os.chmod(args.socket, 0o600)
-    server.engine, server.token = engine, token
     if args.parent:
         workdir = os.path.dirname(os.path.abspath(args.socket))
         threading.Thread(target=_exit_with_parent, args=(server, args.parent, workdir), daemon=True).start()

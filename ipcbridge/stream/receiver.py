@@ -1,6 +1,6 @@
 """The engine's side of a weight stream: receive a trainer's broadcasts into the engine's own tensors.
 
-The embedded engine (:mod:`ipcbridge.engine.server`) owns one :class:`StreamReceiver` and forwards its
+The embedded engine (:mod:`ipcbridge.engine.core`) owns one :class:`StreamReceiver` and forwards its
 ``stream_init``, ``stream_receive`` and ``stream_close`` requests to it. The trainer's side is
 :mod:`ipcbridge.stream.bridge`.
 

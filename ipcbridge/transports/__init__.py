@@ -4,7 +4,10 @@ One module per transport (``cuda_ipc``, ``shm``), loaded lazily by module path s
 never initialises CUDA. Each maps the producer's memory: a ``reduce_storage(storage) -> Spec`` /
 ``rebuild_storage(spec) -> UntypedStorage`` pair in the style of ``torch.multiprocessing.reductions`` and a
 frozen ``Spec`` dataclass that crosses the process boundary as part of a
-:class:`~ipcbridge.manifest.Manifest`, which names the transport by its kind.
+:class:`~ipcbridge.manifest.Manifest`, which names the transport by its kind. ``rebuild_storage`` is
+``claim(spec, producer_pid).open()``: ``claim`` runs every provenance check (Note [the trust model] in
+:mod:`ipcbridge.transports.provenance`) and maps nothing, so a consumer can check all storages before it
+maps any.
 
 Copying trainer-owned weights into the engine's where memory cannot be shared is not a transport in this
 sense (it never appears in a manifest): it lives in :mod:`ipcbridge.stream`.

@@ -23,6 +23,15 @@ Note [devices by UUID]
     A device index means nothing across processes with different ``CUDA_VISIBLE_DEVICES``; the manifest
     carries the GPU UUID and the consumer opens the handle on whichever local index has that UUID.
 
+Note [what a CUDA handle may be]
+    Opening a handle makes torch act on the manifest's bytes, so each is checked first (Note [the trust
+    model] in :mod:`ipcbridge.transports.provenance`): the memory handle must be torch's legacy kind (a
+    version byte, ``'c'``, then the 64-byte ``cudaIpcMemHandle_t``); an expandable segment's handle (``'e'``)
+    carries a pid and fds that torch would pull out of that process, and such memory cannot be aliased
+    anyway. The ref-counter handle names a /dev/shm file that torch opens and *writes* (at
+    ``ref_counter_offset``): it must be ``/torch_<producer pid>_<n>_<n>``, exist, live on a tmpfs and hold
+    the slot, since an offset past the file's end would write outside the mapping.
+
 Ownership: the producer (the engine) owns the memory. Consumer views stay valid while the consumer holds
 them; drop them and call ``torch.cuda.ipc_collect()`` before the producer exits.
 """
@@ -31,6 +40,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import os
+import re
+import stat
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,9 +50,21 @@ import torch
 
 from ipcbridge._torch import open_shared_cuda, share_cuda
 from ipcbridge.errors import BridgeError, ManifestError
+from ipcbridge.transports import provenance
 from ipcbridge.wire import check_int, check_keys, check_type
 
 KIND = "cuda_ipc"
+#: torch's legacy memory handle: a version byte, the type ``'c'`` (``SHAREABLE_CUDA_MALLOC``), then the
+#: 64-byte ``cudaIpcMemHandle_t`` (c10's ``CUDACachingAllocator::shareIpcHandle``).
+MEM_HANDLE_TYPE = ord("c")
+MEM_HANDLE_BYTES = 2 + 64
+#: A ``cudaIpcEventHandle_t``.
+EVENT_HANDLE_BYTES = 64
+#: int64 slots of torch's ref-counter file (``CUDA_IPC_REF_COUNTER_FILE_SIZE``); torch writes slot
+#: ``ref_counter_offset`` of it, so a larger offset would write past the mapping.
+REF_COUNTER_SLOTS = 10000
+#: A GPU UUID as torch reports it, after :func:`normalize_uuid` (MIG instances are not shareable).
+_GPU_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _b64(b: bytes) -> str:
@@ -72,15 +96,34 @@ class Spec:
 
     def __post_init__(self) -> None:
         check_type(self.gpu_uuid, str, "cuda_ipc.gpu_uuid")
+        if not _GPU_UUID.fullmatch(normalize_uuid(self.gpu_uuid)):
+            raise ManifestError(f"cuda_ipc.gpu_uuid: {self.gpu_uuid[:60]!r} is not a GPU UUID (GPU-xxxxxxxx-xxxx-...)")
         check_int(self.device_index, "cuda_ipc.device_index")
         check_type(self.handle, bytes, "cuda_ipc.handle")
+        _check_mem_handle(self.handle)
         check_int(self.nbytes, "cuda_ipc.nbytes")
         check_int(self.offset_bytes, "cuda_ipc.offset_bytes")
         check_type(self.ref_counter_handle, bytes, "cuda_ipc.ref_counter_handle")
-        check_int(self.ref_counter_offset, "cuda_ipc.ref_counter_offset")
+        if provenance.torch_shm_name(self.ref_counter_handle.decode("ascii", "replace")) is None:
+            raise ManifestError(
+                f"cuda_ipc.ref_counter_handle: {self.ref_counter_handle[:60]!r} is not a torch ref-counter name "
+                "(/torch_<pid>_<n>_<n>)"
+            )
+        check_int(self.ref_counter_offset, "cuda_ipc.ref_counter_offset", maximum=REF_COUNTER_SLOTS - 1)
         if self.event_handle is not None:
             check_type(self.event_handle, bytes, "cuda_ipc.event_handle")
+            if len(self.event_handle) != EVENT_HANDLE_BYTES:
+                raise ManifestError(f"cuda_ipc.event_handle: {len(self.event_handle)} bytes, expected "
+                                    f"{EVENT_HANDLE_BYTES} (a cudaIpcEventHandle_t)")
         check_type(self.event_sync_required, bool, "cuda_ipc.event_sync_required")
+
+    @property
+    def ref_counter_pid(self) -> int:
+        """The process that made the ref-counter file (its pid is in the name torch gives it)."""
+        pid = provenance.torch_shm_name(self.ref_counter_handle.decode("ascii", "replace"))
+        if pid is None:  # unreachable: __post_init__ refused such a name
+            raise ManifestError(f"cuda_ipc.ref_counter_handle: {self.ref_counter_handle[:60]!r} names no process")
+        return pid
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +148,22 @@ class Spec:
             return cls(**kw)
         except ManifestError as e:
             raise ManifestError(f"{where}: {e}") from None
+
+
+def _check_mem_handle(handle: bytes) -> None:
+    """Note [what a CUDA handle may be]: torch's legacy ``'c'`` handle, nothing else."""
+    kind = chr(handle[1]) if len(handle) > 1 else "?"
+    if kind == "e":
+        raise ManifestError(
+            "cuda_ipc.handle: an expandable segment's handle (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); "
+            "its memory cannot be aliased and opening it would pull file descriptors out of the process it names. "
+            "Start the engine without expandable_segments"
+        )
+    if len(handle) != MEM_HANDLE_BYTES or handle[1] != MEM_HANDLE_TYPE:
+        raise ManifestError(
+            f"cuda_ipc.handle: {len(handle)} bytes of type {kind!r}, expected torch's legacy CUDA IPC handle "
+            f"({MEM_HANDLE_BYTES} bytes, type 'c'); use the same torch and ipcbridge in the engine and the trainer"
+        )
 
 
 def normalize_uuid(uuid: object) -> str:
@@ -172,15 +231,52 @@ def _new_shared_cuda_args(spec: Spec, local_index: int) -> tuple[Any, ...]:
     )
 
 
-def rebuild_storage(spec: Spec) -> torch.UntypedStorage:
-    """Open the producer's IPC handle. A process cannot open its own handles (CUDA refuses)."""
-    index = local_device_index(spec.gpu_uuid)
+class Claim:
+    """A CUDA storage that passed the provenance checks, and the local device to open it on."""
+
+    def __init__(self, spec: Spec, local_index: int) -> None:
+        self.spec = spec
+        self.local_index = local_index
+
+    def open(self) -> torch.UntypedStorage:
+        """Open the producer's IPC handle. A process cannot open its own handles (CUDA refuses)."""
+        spec, index = self.spec, self.local_index
+        try:
+            with torch.cuda.device(index):
+                return open_shared_cuda(_new_shared_cuda_args(spec, index))
+        except RuntimeError as e:
+            raise BridgeError(
+                f"could not open the CUDA IPC handle of GPU {spec.gpu_uuid} ({e}); the engine may have exited "
+                "or freed its weights: ask it for a fresh manifest. Processes in different containers need a "
+                "shared IPC namespace (docker --ipc=host)"
+            ) from e
+
+    def close(self) -> None:
+        """Nothing is held before the handle is opened."""
+
+
+def claim(spec: Spec, producer: int, where: str = "cuda_ipc storage") -> Claim:
+    """Check ``spec`` against Note [what a CUDA handle may be] for process ``producer``, and find the local
+    device with its GPU UUID. Opens nothing; ``BridgeError`` names what was wrong."""
+    provenance.storage_pid(spec.ref_counter_pid, producer, f"{where} (its ref-counter file)")
+    name = spec.ref_counter_handle.decode("ascii")
+    path = "/dev/shm" + name
     try:
-        with torch.cuda.device(index):
-            return open_shared_cuda(_new_shared_cuda_args(spec, index))
-    except RuntimeError as e:
+        st = os.stat(path)
+    except OSError as e:
         raise BridgeError(
-            f"could not open the CUDA IPC handle of GPU {spec.gpu_uuid} ({e}); the engine may have exited "
-            "or freed its weights: ask it for a fresh manifest. Processes in different containers need a "
-            "shared IPC namespace (docker --ipc=host)"
-        ) from e
+            f"{where}: the ref-counter file {path} of process {producer} cannot be opened ({e.strerror}): the "
+            "engine exited or freed those weights, or runs in another IPC namespace; ask it for a fresh manifest"
+        ) from None
+    if not stat.S_ISREG(st.st_mode) or not provenance.on_tmpfs(st.st_dev) or st.st_size < 8 * REF_COUNTER_SLOTS:
+        raise BridgeError(
+            f"{where}: {path} is not a torch ref-counter file (a {8 * REF_COUNTER_SLOTS}-byte file on tmpfs): "
+            "this manifest was not written by ipcbridge.export; attach to a fresh engine.manifest()"
+        )
+    return Claim(spec, local_device_index(spec.gpu_uuid))
+
+
+def rebuild_storage(spec: Spec, producer: int | None = None) -> torch.UntypedStorage:
+    """Open the producer's IPC handle after :func:`claim`'s checks (``producer``: the manifest's producer
+    pid; ``None`` takes the one the ref-counter file names)."""
+    return claim(spec, spec.ref_counter_pid if producer is None else producer).open()

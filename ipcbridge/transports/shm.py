@@ -13,7 +13,9 @@ Note [why /proc/<pid>/fd and not a named file]
     freed by the kernel when the last process unmaps it, so a crashed engine or trainer can never leak a
     file in /dev/shm. Another process of the same user opens the very same file through the producer's
     ``/proc/<pid>/fd/<fd>`` link and maps it ``MAP_SHARED``; after that the mapping outlives the producer.
-    The inode number guards against the producer having closed that fd and reused the number.
+    The inode number guards against the producer having closed that fd and reused the number; it is the
+    manifest's word, so it is compared but never trusted alone (Note [the trust model] in
+    :mod:`ipcbridge.transports.provenance` lists what is checked before anything is mapped).
 
 Ownership: the producer owns the memory; a consumer's views stay valid (and keep the memory alive) until
 the consumer drops them, even if the producer exits. Writes from either side are visible to the other
@@ -23,6 +25,7 @@ immediately (same physical pages); ordering is the fence protocol's job, not thi
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,6 +33,7 @@ import torch
 
 from ipcbridge._torch import share_fd_cpu
 from ipcbridge.errors import BridgeError, ManifestError
+from ipcbridge.transports import provenance
 from ipcbridge.wire import check_int, check_keys
 
 KIND = "shm"
@@ -83,10 +87,55 @@ def reduce_storage(storage: torch.UntypedStorage) -> Spec:
     return Spec(pid=os.getpid(), fd=fd, inode=os.fstat(fd).st_ino, nbytes=nbytes)
 
 
-def rebuild_storage(spec: Spec) -> torch.UntypedStorage:
-    """Map the producer's shared memory. The result aliases the producer's bytes."""
+class Claim:
+    """One storage that passed every provenance check, held open by this process until it is mapped.
+
+    ``fd`` is *our* descriptor of the producer's object: it is what was checked and what gets mapped (through
+    ``/proc/self/fd``, which nobody else can re-point), so nothing can be swapped in between.
+    """
+
+    def __init__(self, spec: Spec, fd: int) -> None:
+        self.spec = spec
+        self.fd: int | None = fd
+
+    def open(self) -> torch.UntypedStorage:
+        """Map the checked object. The mapping keeps the memory; the descriptor is closed either way."""
+        if self.fd is None:
+            raise BridgeError(f"{self.spec.path} was already mapped or released; open the manifest again")
+        try:
+            return torch.UntypedStorage.from_file(f"/proc/self/fd/{self.fd}", shared=True, nbytes=self.spec.nbytes)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def claim(spec: Spec, producer: int, where: str = "shm storage") -> Claim:
+    """Check that ``spec`` is shared memory of process ``producer`` and open it (Note [the trust model] in
+    :mod:`ipcbridge.transports.provenance`). Nothing is mapped; ``BridgeError`` names what was wrong."""
+    provenance.storage_pid(spec.pid, producer, f"{where} ({spec.path})")
+    st = _stat(spec)
+    if not stat.S_ISREG(st.st_mode):  # a pipe, socket or device: never opened, opening can have effects
+        raise _refused(spec, where, f"it is not a file (mode {stat.filemode(st.st_mode)})")
     try:
-        st = os.stat(spec.path)
+        fd = os.open(spec.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as e:
+        raise BridgeError(f"cannot open shared memory {spec.path} ({e.strerror}); ask the engine for a fresh "
+                          "manifest and attach again") from None
+    try:
+        _check_opened(spec, fd, producer, where)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Claim(spec, fd)
+
+
+def _stat(spec: Spec) -> os.stat_result:
+    try:
+        return os.stat(spec.path)
     except FileNotFoundError:
         raise BridgeError(
             f"cannot open shared memory {spec.path}: process {spec.pid} has exited or closed it; "
@@ -97,11 +146,43 @@ def rebuild_storage(spec: Spec) -> torch.UntypedStorage:
             f"permission denied opening {spec.path}: the engine runs as another user; run the trainer "
             "as the same user as the engine"
         ) from None
+
+
+def _check_opened(spec: Spec, fd: int, producer: int, where: str) -> None:
+    """The checks on the descriptor we opened: what it is, where it lives, who made it, how big it is."""
+    st = os.fstat(fd)
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    if not stat.S_ISREG(st.st_mode):
+        raise _refused(spec, where, f"it is not a file (mode {stat.filemode(st.st_mode)})")
+    if not provenance.on_tmpfs(st.st_dev):
+        raise _refused(spec, where, f"{target!r} is not on a tmpfs: mapping it would write to a file on disk")
+    if st.st_nlink != 0 or not provenance.torch_shm_target(target, producer):
+        raise _refused(
+            spec, where, f"it is {target!r}, not an unlinked shared-memory object that torch made in process {producer} "
+            f"(/dev/shm/torch_{producer}_..., unlinked at once)"
+        )
     if st.st_ino != spec.inode:
         raise BridgeError(
             f"{spec.path} is no longer the exported memory (inode {st.st_ino} != {spec.inode}): the "
             "engine released those weights; ask it for a fresh manifest"
         )
     if st.st_size < spec.nbytes:
-        raise BridgeError(f"{spec.path} holds {st.st_size} bytes, fewer than the {spec.nbytes} exported")
-    return torch.UntypedStorage.from_file(spec.path, shared=True, nbytes=spec.nbytes)
+        raise BridgeError(f"{spec.path} holds {st.st_size} bytes, fewer than the {spec.nbytes} exported; ask the "
+                          "engine for a fresh manifest")
+
+
+def _refused(spec: Spec, where: str, why: str) -> BridgeError:
+    return BridgeError(
+        f"{where}: refusing to map {spec.path}: {why}. A manifest may only map its producer's own shared memory; this one "
+        "was not written by ipcbridge.export for that process. Attach to the engine itself (ipcbridge.connect("
+        "engine)) or to a fresh engine.manifest(); see docs/security.md"
+    )
+
+
+def rebuild_storage(spec: Spec, producer: int | None = None) -> torch.UntypedStorage:
+    """Map the producer's shared memory (after :func:`claim`'s checks). The result aliases its bytes.
+
+    ``producer`` is the manifest's producer pid; ``None`` takes the storage's own (the checks that the
+    object is torch's, unlinked and on tmpfs still apply).
+    """
+    return claim(spec, spec.pid if producer is None else producer).open()

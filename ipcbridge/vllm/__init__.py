@@ -22,5 +22,6 @@ it works on machines without vLLM; the endpoints import vLLM when they are first
 """
 
 from ipcbridge.vllm.extension import WorkerExtension
+from ipcbridge.vllm.http import HttpEndpoint  # standard library only: never imports vLLM
 
-__all__ = ["WorkerExtension"]
+__all__ = ["HttpEndpoint", "WorkerExtension"]

@@ -17,18 +17,31 @@ Note [the HTTP fence]
     server stays paused until someone calls ``POST /resume`` (``curl -X POST http://host:port/resume``); a
     trainer that *hangs* mid-fence is resumed by the lease watchdog (a thread of the trainer's process) when
     its lease runs out. Leases of different trainer processes on one server do not see each other.
+
+Note [what the HTTP client trusts]
+    Whatever answers at the URL can send a manifest (Note [the trust model] in
+    :mod:`ipcbridge.transports.provenance` says what one can reach), so the client trusts the answer no
+    further than it must. It follows no redirect: a 3xx from the URL it was given is refused naming the
+    target, since a redirect could hand it another server's manifest or fence; connect to the final URL
+    instead. Each request has one *total* deadline, from connecting to the last byte (a server trickling a
+    byte at a time cannot stretch it), a body cap (:data:`MAX_BODY_BYTES`, checked against
+    ``Content-Length`` first and enforced while reading), and the JSON depth limit of
+    :func:`ipcbridge.wire.parse_json`, which also applies to each worker reply inside ``/collective_rpc``.
+    Each refusal is a ``BridgeError`` that names the URL and what to change.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import logging
 import socket
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
 from typing import Any
 
+from ipcbridge import wire
 from ipcbridge.errors import BridgeError
 from ipcbridge.vllm.base import VllmEndpoint
 from ipcbridge.vllm.extension import EXTENSION_QUALNAME
@@ -36,6 +49,11 @@ from ipcbridge.vllm.extension import EXTENSION_QUALNAME
 logger = logging.getLogger(__name__)
 
 DEV_ROUTES = ("/collective_rpc", "/pause", "/resume", "/reset_prefix_cache", "/is_paused")
+#: The largest response body read. The largest legitimate one, a manifest of a 400B model inside a
+#: ``/collective_rpc`` reply, is about 1 MB; 16 MiB is ample and bounds what a server can make us buffer.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Bytes of an error body quoted in a message.
+_ERROR_DETAIL_BYTES = 500
 
 
 def normalise_url(url: str) -> str:
@@ -59,20 +77,24 @@ def normalise_url(url: str) -> str:
 
 
 class HttpEndpoint(VllmEndpoint):
-    """The control channel of a ``vllm serve`` process, by URL. See Note [the HTTP fence].
+    """The control channel of a ``vllm serve`` process, by URL. See Note [the HTTP fence] and Note [what the
+    HTTP client trusts].
 
-    ``timeout`` bounds ordinary calls; ``pause_timeout`` bounds ``/pause?mode=wait``, which lasts as long as
-    the longest request in flight.
+    ``timeout`` bounds each ordinary request in total (connect to last byte); ``pause_timeout`` bounds
+    ``/pause?mode=wait``, which lasts as long as the longest request in flight. ``max_body_bytes`` caps a
+    response body.
     """
 
     name = "vllm-http"
 
-    def __init__(self, url: str, timeout: float = 60.0, pause_timeout: float = 600.0) -> None:
+    def __init__(self, url: str, timeout: float = 60.0, pause_timeout: float = 600.0, *,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.url = normalise_url(url)
         self.gate_key = self.url
         self.where = f"vllm serve at {self.url}"
         self.timeout = timeout
         self.pause_timeout = pause_timeout
+        self.max_body_bytes = max_body_bytes
         self.weight_version = 0
         self._model_id: str | None = None
 
@@ -83,34 +105,16 @@ class HttpEndpoint(VllmEndpoint):
         """One HTTP call; the decoded JSON body (``None`` for an empty body). Failures raise ``BridgeError``."""
         url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
         timeout = self.timeout if timeout is None else timeout
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            raise _http_error(method, url, path, e) from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (socket.timeout, TimeoutError)):
-                raise _timed_out(method, url, timeout) from None
-            raise BridgeError(
-                f"cannot reach vllm serve at {self.url} ({e.reason}); is it running, on this machine, at this "
-                "port?"
-            ) from None
-        except TimeoutError:  # socket.timeout is TimeoutError
-            raise _timed_out(method, url, timeout) from None
-        except (ConnectionError, OSError) as e:
-            raise BridgeError(f"{method} {url} failed: {e}; is vllm serve still running?") from None
+        status, location, raw = _exchange(method, url, data, timeout, self.max_body_bytes, self.url)
+        if 300 <= status < 400:
+            raise _redirected(method, url, status, location)
+        if status >= 400:
+            raise _http_error(method, url, path, status, raw)
         if not raw.strip():
             return None
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BridgeError(
-                f"{method} {url} returned a body that is not JSON ({e}): {raw[:200]!r}; is this URL a vllm "
-                "serve server?"
-            ) from None
+        return wire.parse_json(raw, f"{method} {url}: the response body", max_bytes=self.max_body_bytes,
+                               error=BridgeError, hint="; is this URL a vllm serve server?")
 
     def collective_rpc(self, method: str, *args: Any) -> Any:
         """``POST /collective_rpc`` of an ``ipcbridge_*`` method; arguments travel as strings."""
@@ -118,6 +122,10 @@ class HttpEndpoint(VllmEndpoint):
         resp = self.request("POST", "/collective_rpc", body, timeout=self.timeout + 5)
         if not isinstance(resp, dict) or not isinstance(resp.get("results"), list):
             raise BridgeError(f"/collective_rpc({method}) returned {str(resp)[:200]!r}, expected {{'results': [...]}}")
+        for r in resp["results"]:  # each is a worker's JSON reply, decoded later: Note [what the HTTP client trusts]
+            if isinstance(r, (str, bytes)):
+                wire.check_json_depth(r, f"/collective_rpc({method}) at {self.url}: a worker reply",
+                                      error=BridgeError, hint="; is this URL a vllm serve server?")
         return resp["results"]
 
     # -- the fence's engine half (Note [the HTTP fence]) -----------------------------------------------
@@ -166,9 +174,85 @@ class HttpEndpoint(VllmEndpoint):
         return self.complete(prompt, max_tokens)
 
 
-def _http_error(method: str, url: str, path: str, e: urllib.error.HTTPError) -> BridgeError:
-    detail = e.read()[:500].decode("utf-8", "replace")
-    if e.code == 404 and path in DEV_ROUTES:
+def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    parts = urllib.parse.urlsplit(url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return cls(parts.hostname or "", parts.port, timeout=timeout), target
+
+
+def _cut(conn: http.client.HTTPConnection, fired: threading.Event) -> None:
+    """The total deadline has passed: wake whatever is blocked on the socket (connect, send or read)."""
+    fired.set()
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, also under TLS
+
+
+def _exchange(method: str, url: str, data: bytes | None, timeout: float, max_body: int,
+              base: str) -> tuple[int, str | None, bytes]:
+    """(status, Location header, body) of one request, all within ``timeout`` seconds in total and with a body
+    of at most ``max_body`` bytes. Follows nothing (Note [what the HTTP client trusts])."""
+    conn, target = _connection(url, timeout)
+    fired = threading.Event()
+    timer = threading.Timer(timeout, _cut, (conn, fired))
+    timer.daemon = True
+    timer.start()
+    try:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        conn.request(method, target, body=data, headers=headers)
+        resp = conn.getresponse()
+        declared = resp.getheader("Content-Length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > max_body:
+            raise _too_big(method, url, f"announces {int(declared)} bytes, more", max_body)
+        raw = resp.read(max_body + 1)
+        if fired.is_set():  # the cut makes reads end early rather than fail: never take that for an answer
+            raise TimeoutError
+        if len(raw) > max_body:
+            raise _too_big(method, url, "sent more", max_body)
+        if resp.length:  # bytes announced but never sent
+            raise http.client.IncompleteRead(raw, resp.length)
+        return resp.status, resp.getheader("Location"), raw
+    except BridgeError:
+        raise
+    except (OSError, http.client.HTTPException) as e:
+        if fired.is_set() or isinstance(e, TimeoutError):
+            raise _timed_out(method, url, timeout) from None
+        if isinstance(e, (ConnectionRefusedError, socket.gaierror)) or not _connected(conn):
+            raise BridgeError(
+                f"cannot reach vllm serve at {base} ({e}); is it running, on this machine, at this port?"
+            ) from None
+        raise BridgeError(f"{method} {url} failed: {e}; is vllm serve still running?") from None
+    finally:
+        timer.cancel()
+        conn.close()
+
+
+def _connected(conn: http.client.HTTPConnection) -> bool:
+    return conn.sock is not None
+
+
+def _too_big(method: str, url: str, what: str, max_body: int) -> BridgeError:
+    return BridgeError(
+        f"{method} {url}: the response {what} than the limit of {max_body} bytes, so it was not read; is this URL a "
+        "vllm serve server? (raise HttpEndpoint(max_body_bytes=...) only for a server you trust)"
+    )
+
+
+def _redirected(method: str, url: str, status: int, location: str | None) -> BridgeError:
+    target = urllib.parse.urljoin(url, location) if location else "(no Location header)"
+    parts = urllib.parse.urlsplit(target)
+    final = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else target
+    return BridgeError(
+        f"{method} {url} redirected (HTTP {status}) to {target}; ipcbridge follows no redirects, since one could "
+        f"hand it another server's weights. Pass the final URL instead, e.g. ipcbridge.connect({final!r})"
+    )
+
+
+def _http_error(method: str, url: str, path: str, status: int, raw: bytes) -> BridgeError:
+    detail = raw[:_ERROR_DETAIL_BYTES].decode("utf-8", "replace")
+    if status == 404 and path in DEV_ROUTES:
         return BridgeError(
             f"{method} {url} -> 404: the server has no {path} route. Start vllm serve with "
             "VLLM_SERVER_DEV_MODE=1 (it enables /collective_rpc, /pause, /resume, /reset_prefix_cache)"
@@ -177,8 +261,11 @@ def _http_error(method: str, url: str, path: str, e: urllib.error.HTTPError) -> 
     if path == "/collective_rpc" and "ipcbridge_" in detail:
         hint = (f". Is the server started with --worker-extension-cls {EXTENSION_QUALNAME} and ipcbridge "
                 "importable in its environment?")
-    return BridgeError(f"{method} {url} -> HTTP {e.code}: {detail}{hint}")
+    return BridgeError(f"{method} {url} -> HTTP {status}: {detail}{hint}")
 
 
 def _timed_out(method: str, url: str, timeout: float) -> BridgeError:
-    return BridgeError(f"{method} {url} timed out after {timeout}s; the server is busy or hung (raise timeout=...)")
+    return BridgeError(
+        f"{method} {url} timed out after {timeout}s (a total deadline, connect to last byte); the server is busy, "
+        "hung or trickling its answer (raise timeout=...)"
+    )

@@ -22,11 +22,15 @@ from typing import Any, TypeVar
 
 from ipcbridge import wire
 from ipcbridge.errors import BridgeError
+from ipcbridge.manifest import MAX_MANIFEST_BYTES
 
 logger = logging.getLogger(__name__)
 
 #: The qualified name to pass as ``worker_extension_cls`` / ``--worker-extension-cls``.
 EXTENSION_QUALNAME = "ipcbridge.vllm.WorkerExtension"
+
+#: A worker's reply may carry a whole manifest (an 8B model's is ~120 KB; the manifest's own cap is larger).
+MAX_REPLY_BYTES = MAX_MANIFEST_BYTES + (1 << 20)
 
 _HINT = (
     f"is worker_extension_cls {EXTENSION_QUALNAME!r} (or a subclass) set, and the same ipcbridge version "
@@ -91,10 +95,6 @@ def decode_reply(text: Any, where: str) -> Any:
     """
     if not isinstance(text, (str, bytes)):
         raise BridgeError(f"{where} returned a {type(text).__name__}, not an ipcbridge reply; {_HINT}")
-    try:
-        d = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BridgeError(
-            f"{where} returned {str(text)[:200]!r}, which is not an ipcbridge reply (not JSON: {e}); {_HINT}"
-        ) from None
+    d = wire.parse_json(text, f"{where} returned what is not an ipcbridge reply", max_bytes=MAX_REPLY_BYTES,
+                        error=BridgeError, hint=f"; {_HINT}")
     return wire.unwrap(d, where, BridgeError)

@@ -98,7 +98,7 @@ def test_a_request_waiting_on_a_pause_hears_who_holds_it(engine) -> None:
 
 def test_ctrl_c_while_waiting_for_the_pause_leaves_the_engine_running(engine) -> None:
     holder, waiter = ipcbridge.connect(engine), ipcbridge.connect(engine, wait=30.0)
-    t = _hold_pause(holder, 1.0, threading.Event())
+    t = _hold_pause(holder, 3.0, threading.Event())  # long past the interrupt, even on a loaded machine
     threading.Timer(0.3, _thread.interrupt_main).start()
     with pytest.raises(KeyboardInterrupt), waiter.update():
         pytest.fail("the block must not run")

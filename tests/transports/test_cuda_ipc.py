@@ -1,18 +1,37 @@
-"""CUDA IPC spec: pure parts on CPU; real handles between two processes on the GPU machine."""
+"""CUDA IPC spec: pure parts and the provenance checks on CPU (with forged handles and a fake ref-counter
+file); real handles between two processes are tested on the GPU machine (tests/gpu)."""
 
 from __future__ import annotations
 
+import itertools
+import os
+from pathlib import Path
+
 import pytest
 
-from ipcbridge import ManifestError
+from ipcbridge import BridgeError, ManifestError
 from ipcbridge.transports import cuda_ipc
+
+UUID = "GPU-0a1b2c3d-0000-1111-2222-333344445555"
+_names = itertools.count()
 
 
 def _spec(**kw) -> cuda_ipc.Spec:
-    base = dict(gpu_uuid="gpu-abc", device_index=3, handle=b"\x01" * 64, nbytes=1024, offset_bytes=512,
-                ref_counter_handle=b"ref", ref_counter_offset=8, event_handle=b"\x02" * 64, event_sync_required=True)
+    base = dict(gpu_uuid=UUID, device_index=3, handle=b"\x02c" + b"\x01" * 64, nbytes=1024, offset_bytes=512,
+                ref_counter_handle=f"/torch_{os.getpid()}_12345_0".encode(), ref_counter_offset=8,
+                event_handle=b"\x02" * 64, event_sync_required=True)
     base.update(kw)
     return cuda_ipc.Spec(**base)
+
+
+@pytest.fixture
+def ref_counter():
+    """A file shaped like torch's ref-counter file of this process, in /dev/shm."""
+    name = f"/torch_{os.getpid()}_999_{next(_names)}"
+    path = Path("/dev/shm" + name)
+    path.write_bytes(b"\0" * 8 * cuda_ipc.REF_COUNTER_SLOTS)
+    yield name.encode(), path
+    path.unlink(missing_ok=True)
 
 
 def test_spec_json_round_trip() -> None:
@@ -25,7 +44,7 @@ def test_spec_json_round_trip() -> None:
 def test_local_device_goes_in_the_device_position() -> None:
     args = cuda_ipc._new_shared_cuda_args(_spec(), local_index=0)
     assert args[0] == 0  # never the producer's device_index 3
-    assert args[1:4] == (b"\x01" * 64, 1024, 512)
+    assert args[1:4] == (b"\x02c" + b"\x01" * 64, 1024, 512)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +57,52 @@ def test_bad_fields(field: str, value: object, message: str) -> None:
     d[field] = value
     with pytest.raises(ManifestError, match=message):
         cuda_ipc.Spec.from_dict(d, "manifest.storages[0]")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        # an expandable segment's handle names a pid and fds torch would pull out of that process
+        ("handle", b"\x02e" + b"\0" * 80, r"cuda_ipc\.handle: an expandable segment"),
+        ("handle", b"\x01" * 64, r"cuda_ipc\.handle: 64 bytes of type '\\x01', expected torch's legacy"),
+        ("handle", b"", r"cuda_ipc\.handle: 0 bytes"),
+        # torch opens /dev/shm/<name> and writes into it: only its own names
+        ("ref_counter_handle", b"/../../home/user/.bashrc", r"cuda_ipc\.ref_counter_handle: .* not a torch ref-counter"),
+        ("ref_counter_handle", b"/torch_1_2", "not a torch ref-counter"),
+        ("ref_counter_offset", cuda_ipc.REF_COUNTER_SLOTS, r"cuda_ipc\.ref_counter_offset: must be <= 9999"),
+        ("event_handle", b"\0" * 10, r"cuda_ipc\.event_handle: 10 bytes, expected 64"),
+        ("gpu_uuid", "gpu-abc", r"cuda_ipc\.gpu_uuid: 'gpu-abc' is not a GPU UUID"),
+        ("gpu_uuid", "MIG-0a1b2c3d-0000-1111-2222-333344445555", "not a GPU UUID"),
+    ],
+)
+def test_forged_handles_are_manifest_errors(field: str, value: object, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        _spec(**{field: value})
+
+
+def test_a_ref_counter_of_another_process_is_refused(ref_counter) -> None:
+    name, _ = ref_counter
+    with pytest.raises(BridgeError, match=r"names process \d+, but the manifest's producer is process 1\b"):
+        cuda_ipc.claim(_spec(ref_counter_handle=name), producer=1)
+
+
+def test_a_missing_ref_counter_file_is_refused() -> None:
+    with pytest.raises(BridgeError, match=r"ref-counter file .* cannot be opened"):
+        cuda_ipc.claim(_spec(ref_counter_handle=f"/torch_{os.getpid()}_1_424242".encode()), producer=os.getpid())
+
+
+def test_a_ref_counter_file_too_small_for_its_slots_is_refused(ref_counter) -> None:
+    name, path = ref_counter
+    path.write_bytes(b"\0" * 8)  # torch would write slot 8 past the end of the mapping
+    with pytest.raises(BridgeError, match="is not a torch ref-counter file"):
+        cuda_ipc.claim(_spec(ref_counter_handle=name), producer=os.getpid())
+
+
+def test_a_genuine_looking_handle_passes_provenance_and_needs_the_gpu(ref_counter) -> None:
+    name, _ = ref_counter
+    # On CPU the last check is the GPU's: the provenance checks above it all passed.
+    with pytest.raises(BridgeError, match=r"sees no CUDA device|is not visible to this process"):
+        cuda_ipc.rebuild_storage(_spec(ref_counter_handle=name), producer=os.getpid())
 
 
 def test_uuid_normalisation() -> None:
