@@ -67,3 +67,12 @@ def storage_key(storage: torch.UntypedStorage) -> int:
 def module_buffers(module: nn.Module) -> dict[str, torch.Tensor | None]:
     """``module``'s own buffers, as the live dict (assigning an item replaces the buffer)."""
     return module._buffers
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """torch's in-place write counter of ``t`` (shared by every view of its memory made without ``.data``).
+
+    ``Tensor._version`` is what autograd's "modified by an inplace operation" check reads; torch has no
+    public accessor. The step guard uses it to see writes made outside ``update()``.
+    """
+    return int(t._version)

@@ -12,14 +12,17 @@ import logging
 import os
 import secrets
 import time
+import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from ipcbridge import mapping
+from ipcbridge import guard, mapping
 from ipcbridge.attach import Attachment, attach_with_attachment
 from ipcbridge.endpoints import CanSample, Endpoint, resolve_endpoint
 from ipcbridge.errors import BridgeError
@@ -30,9 +33,23 @@ from ipcbridge.manifest import Manifest
 logger = logging.getLogger(__name__)
 
 
+#: Default tolerance of ``Bridge.check()``'s logprob parity (the largest absolute difference over the checked
+#: tokens), by the weights' dtype. Measured: the embedded engine matches the attached model to 5e-7 in fp32
+#: and exactly in bf16/fp16 (same kernels); vLLM's bf16 kernels differ from HF's by up to 0.008 on greedy
+#: tokens (docs/vllm.md). A stale prefix cache after a write outside update() moved a tiny random Llama's
+#: logprobs by 0.016, a larger write by whole nats.
+PARITY_ATOL: dict[torch.dtype, float] = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 0.02,
+                                         torch.bfloat16: 0.05}
+
+
+class PrecisionWarning(UserWarning):
+    """``connect()`` attached 16-bit weights: an optimizer stepping them directly rounds small updates away."""
+
+
 @dataclass
 class CheckReport:
-    """The attach self-test. ``ok`` is coverage and zero copy; parity is reported, not judged."""
+    """The attach self-test. ``ok``: every engine tensor used, no parameter outside the engine's memory, and,
+    when parity was measured, the engine's logprobs within ``parity_atol`` of the attached model's."""
 
     hf_parameters: int
     engine_tensors: int
@@ -42,11 +59,31 @@ class CheckReport:
     model_weight_bytes: int
     logprob_mean_abs_diff: float | None = None
     logprob_max_abs_diff: float | None = None
+    #: The tolerance parity was judged against (on ``logprob_max_abs_diff``); ``None`` if not measured.
+    parity_atol: float | None = None
+    #: ``logprob_max_abs_diff <= parity_atol``; ``None`` if parity was not measured.
+    parity_ok: bool | None = None
+    #: Parameters written in place outside ``update()`` since the last fence (Note [the step guard]).
+    unfenced_writes: list[str] = field(default_factory=list)
+    #: What may be wrong, and the fix, when something is.
+    hints: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.engine_tensors_used == self.engine_tensors and not self.parameters_outside_engine
+        return (self.engine_tensors_used == self.engine_tensors and not self.parameters_outside_engine
+                and self.parity_ok is not False)
+
+
+def _first(names: list[str], n: int = 4) -> str:
+    """The first ``n`` of ``names`` and how many there are, for messages."""
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return f"{names[:n]}{more}"
+
+
+def parity_atol(model: nn.Module) -> float:
+    """The default parity tolerance for ``model``'s weights: that of its least precise dtype."""
+    return max(PARITY_ATOL.get(p.dtype, max(PARITY_ATOL.values())) for p in model.parameters())
 
 
 def model_weight_bytes(model: nn.Module) -> int:
@@ -58,9 +95,10 @@ class Bridge:
     """An attached HF model plus the engine it aliases. Make one with :func:`connect`.
 
     ``model``'s parameters are views of the engine's weights: an optimizer step on them *is* a weight
-    update. Do it inside ``with bridge.update():`` so the engine never generates from half-written weights.
-    The views stay valid while the bridge is open and the engine keeps its weights; :meth:`close` drops
-    them (the model object then has no engine memory behind it).
+    update, and it must run inside ``with bridge.update():`` (any other step raises ``BridgeError``: Note
+    [the step guard] in :mod:`ipcbridge.guard`). The views stay valid while the bridge is open and the
+    engine keeps its weights; :meth:`close` detaches them: the old model and optimizer can no longer reach
+    the engine (Note [close detaches the model]).
     """
 
     def __init__(self, endpoint: Endpoint, model: nn.Module, attachment: Attachment, manifest: Manifest, *,
@@ -73,6 +111,11 @@ class Bridge:
         holder = f"bridge {secrets.token_hex(3)} (pid {os.getpid()}, {endpoint.name})"
         self._fence = Fence(endpoint, holder=holder, version=manifest.weight_version,
                             sync=lambda: synchronize(self._model()), lease_seconds=lease_seconds, wait=wait)
+        self._owner = guard.Owner(holder)
+        self._watch: guard.Watch | None = guard.Watch(model)
+        guard.register(self._watch.params, self._owner)
+        guard.guard_loads(model)
+        weakref.finalize(self, self._owner.orphan).atexit = False
 
     @property
     def transport(self) -> str:
@@ -102,17 +145,54 @@ class Bridge:
             raise BridgeError("this Bridge is closed; call ipcbridge.connect(...) again")
         return model, att
 
+    def _checked_watch(self) -> guard.Watch:
+        watch = self._watch
+        if watch is None:
+            raise BridgeError("this Bridge is closed; call ipcbridge.connect(...) again")
+        return watch
+
     @contextmanager
     def update(self) -> Iterator[Bridge]:
         """Fence a weight update (Note [the fence] in :mod:`ipcbridge.fence`).
 
-        Raises ``FenceError`` if called inside another ``update()`` of an engine this thread holds, if
-        another holder keeps the engine paused longer than ``wait``, or if the lease ran out before the
-        block ended (call :meth:`renew` in long blocks).
+        Raises ``BridgeError`` before pausing if the model no longer aliases the engine's memory (a cast, a
+        resize, a copy: the step would be lost), and ``FenceError`` if called inside another ``update()`` of
+        an engine this thread holds, if another holder keeps the engine paused longer than ``wait``, or if
+        the lease ran out before the block ended (call :meth:`renew` in long blocks). Optimizer steps on the
+        model are allowed inside the block, in this thread (Note [the step guard]).
         """
-        self._model()
+        self._check_aliases(self._model())
+        watch = self._checked_watch()
         with self._fence.hold():
-            yield self
+            self._owner.enter()
+            try:
+                yield self
+            finally:
+                self._owner.leave()
+                watch.recount()
+
+    def _check_aliases(self, model: nn.Module) -> None:
+        """``update()``'s check before it pauses: every parameter still the engine's memory (Watch's docstring
+        has the cost, ~2 µs per parameter). Also warns about writes made outside the last fence."""
+        watch = self._checked_watch()
+        moved = watch.moved(model, adopt=lambda p: guard.register([p], self._owner))
+        if moved:
+            total = len(list(model.named_parameters(remove_duplicate=False)))
+            raise BridgeError(
+                f"update() refused before pausing the engine: {len(moved)} of {total} parameters no longer alias "
+                f"the engine's memory: {_first(moved)}. A cast (model.to(dtype), .half(), .float()), "
+                "resize_token_embeddings, a .to() that copied, or a replaced parameter: steps on them would never "
+                "reach the engine. Don't cast, move or resize an attached model; reconnect (bridge.close(); "
+                "bridge = ipcbridge.connect(engine)) for a fresh one, or train weights the trainer owns with "
+                "ipcbridge.stream(engine, model)"
+            )
+        written = watch.written()
+        if written:
+            logger.warning(
+                "%s: %s were written in place outside `update()` since the last fence; the engine may have served "
+                "them half-written and kept KV of the old weights. This update publishes them; do every write "
+                "inside `with bridge.update():`", self._owner.name, _first(written),
+            )
 
     def renew(self) -> None:
         """Extend the current update's lease by its length (for a block that takes longer than it)."""
@@ -130,8 +210,19 @@ class Bridge:
         model, att = self._attached()
         return att.outside_bytes(model)
 
-    def check(self, prompt: list[int] | None = None, max_tokens: int = 8, raise_on_failure: bool = True) -> CheckReport:
-        """Coverage, zero copy and (if the endpoint can sample) logprob parity with the engine."""
+    def unfenced_writes(self) -> list[str]:
+        """Names of parameters written in place outside ``update()`` since the last fence (or attach), as
+        torch's version counters tell; writes through ``.data`` move no counter (Note [the step guard])."""
+        return self._checked_watch().written()
+
+    def check(self, prompt: list[int] | None = None, max_tokens: int = 8, raise_on_failure: bool = True, *,
+              atol: float | None = None) -> CheckReport:
+        """Coverage, zero copy and (if the endpoint can sample) logprob parity with the engine.
+
+        Parity fails when the largest absolute logprob difference over the engine's greedy tokens exceeds
+        ``atol`` (default: :data:`PARITY_ATOL` for the weights' dtype). ``report.hints`` says what may be
+        wrong; with ``raise_on_failure`` a failed check raises ``BridgeError`` carrying them.
+        """
         model, att = self._attached()
         engine_names = set(att.source_tensors)
         if att.layout == "vllm":
@@ -146,40 +237,93 @@ class Bridge:
             parameters_outside_engine=outside,
             trainer_weight_bytes=att.outside_bytes(model),
             model_weight_bytes=model_weight_bytes(model),
+            unfenced_writes=self.unfenced_writes(),
         )
         if isinstance(self.endpoint, CanSample):
-            tokens, engine_lp = self.endpoint.sample(prompt or [1, 2, 3, 4], max_tokens)
-            hf_lp = sequence_logprobs(model, prompt or [1, 2, 3, 4], tokens)
-            diffs = [abs(a - b) for a, b in zip(hf_lp, engine_lp, strict=False)]
-            report.logprob_mean_abs_diff = sum(diffs) / len(diffs) if diffs else 0.0
-            report.logprob_max_abs_diff = max(diffs, default=0.0)
+            _judge_parity(report, self.endpoint, model, prompt or [1, 2, 3, 4], max_tokens, atol)
         else:
             report.notes.append(f"parity not checked: endpoint {self.endpoint.name!r} cannot sample")
+        _add_hints(report)
         if raise_on_failure and not report.ok:
-            raise BridgeError(
-                f"attach self-test failed: {report.engine_tensors_used}/{report.engine_tensors} engine tensors "
-                f"used, parameters outside the engine's memory: {outside[:8]}"
-            )
+            raise BridgeError(f"attach self-test failed: {_failures(report)}. " + " ".join(report.hints))
         return report
 
     # -- lifetime ------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Drop the model's views and the endpoint. The engine itself keeps running."""
+        """Detach the model from the engine's memory and drop the endpoint. The engine itself keeps running.
+
+        Afterwards nothing done with the old model or an optimizer built on it reaches the engine: the
+        parameters (ties and parameters the model replaced included) no longer alias its memory, a forward
+        raises ``BridgeError``, and so does an optimizer step (Note [close detaches the model]).
+        """
         if self.model is None:
             return
         if self._fence.active:
             raise BridgeError("close() inside `with bridge.update():`; leave the block first")
-        att, self._attachment, self.model = self._attachment, None, None
-        if att is not None:
-            att.close()
-        self.endpoint.close()
+        model, att = self.model, self._attachment
+        self._attachment, self.model, self._watch = None, None, None
+        self._owner.closed = True
+        params = {id(p): p for p in [*guard.owned_by(self._owner), *model.parameters()]}
+        try:
+            # Before unmapping: the mapping goes only once no view of it is left (Note [close detaches the model]).
+            guard.detach(model, params.values(),
+                         "Reconnect for a new model: bridge = ipcbridge.connect(engine); model = bridge.model")
+        finally:
+            if att is not None:
+                att.close()
+            self.endpoint.close()
 
     def __enter__(self) -> Bridge:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _judge_parity(report: CheckReport, engine: CanSample, model: nn.Module, prompt: list[int], max_tokens: int,
+                  atol: float | None) -> None:
+    tokens, engine_lp = engine.sample(prompt, max_tokens)
+    hf_lp = sequence_logprobs(model, prompt, tokens)
+    diffs = [abs(a - b) for a, b in zip(hf_lp, engine_lp, strict=False)]
+    report.logprob_mean_abs_diff = sum(diffs) / len(diffs) if diffs else 0.0
+    report.logprob_max_abs_diff = max(diffs, default=0.0)
+    report.parity_atol = parity_atol(model) if atol is None else float(atol)
+    report.parity_ok = report.logprob_max_abs_diff <= report.parity_atol
+
+
+def _failures(report: CheckReport) -> str:
+    problems = []
+    if report.engine_tensors_used != report.engine_tensors:
+        problems.append(f"{report.engine_tensors_used}/{report.engine_tensors} engine tensors used")
+    if report.parameters_outside_engine:
+        problems.append(f"parameters outside the engine's memory: {_first(report.parameters_outside_engine, 8)}")
+    if report.parity_ok is False:
+        problems.append(f"logprob parity: max |diff| {report.logprob_max_abs_diff:.3g} > atol {report.parity_atol:g}")
+    return "; ".join(problems)
+
+
+def _add_hints(report: CheckReport) -> None:
+    """What may be wrong, and the fix (Note [the step guard] says what each signal can see)."""
+    if report.unfenced_writes:
+        report.hints.append(
+            f"{_first(report.unfenced_writes)} were written in place outside `update()` since the last fence (a "
+            "step or write outside `with bridge.update():`): the engine's prefix cache may hold KV of the old "
+            "weights and its weight version did not move. Do every write inside `with bridge.update():`; an "
+            "empty `with bridge.update(): pass` publishes these now"
+        )
+    if report.parity_ok is False and not report.unfenced_writes:
+        report.hints.append(
+            f"the engine's logprobs differ from the attached model's by up to {report.logprob_max_abs_diff:.3g}. "
+            "A stale prefix cache? Weights written outside `update()` through `.data` (which no version counter "
+            "sees) leave KV of the old weights in the engine: `with bridge.update(): pass` drops it. If the "
+            "engine computes with other kernels or in lower precision, pass a larger atol to check()"
+        )
+    if report.parameters_outside_engine:
+        report.hints.append(
+            "parameters outside the engine's memory were cast, resized, moved or replaced: steps on them never "
+            "reach the engine. Reconnect for a fresh model (ipcbridge.connect) and don't cast or resize it"
+        )
 
 
 def connect(target: Any, *, config: Any = None, check: bool = False,
@@ -203,6 +347,7 @@ def connect(target: Any, *, config: Any = None, check: bool = False,
         raise
     bridge = Bridge(endpoint, model, attachment, manifest, lease_seconds=lease_seconds, wait=wait)
     bridge.attach_seconds = time.perf_counter() - t0
+    _warn_precision(model)
     if check:
         try:
             bridge.check(raise_on_failure=True)
@@ -212,3 +357,24 @@ def connect(target: Any, *, config: Any = None, check: bool = False,
     logger.info("attached %d tensors over %s in %.3fs", len(manifest.tensors), manifest.transport,
                 bridge.attach_seconds)
     return bridge
+
+
+_precision_warned = False
+
+
+def _warn_precision(model: nn.Module) -> None:
+    """Once per process: 16-bit weights stepped directly learn worse than fp32 masters (issue: 2% of bf16
+    weights move in one AdamW step at lr 1e-6). A warning, not a log line, so users can filter it."""
+    global _precision_warned
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                  if p.dtype in (torch.bfloat16, torch.float16)})
+    if not low or _precision_warned:
+        return
+    _precision_warned = True
+    warnings.warn(
+        f"the engine serves {'/'.join(low)} weights: an optimizer stepping them directly rounds small updates "
+        "away (at lr 1e-6 one bf16 AdamW step changes only about 2% of the weights). For training equal to fp32 "
+        "master weights, wrap the optimizer: opt = ipcbridge.optim.master_weights(opt, mode=\"remainder\") "
+        "(+2 bytes per parameter). Shown once per process",
+        PrecisionWarning, stacklevel=3,
+    )

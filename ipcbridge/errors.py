@@ -40,6 +40,11 @@ class EngineError(BridgeError):
     """The embedded engine process died, timed out, or rejected a request."""
 
 
+class PrecisionError(IpcBridgeError, ValueError):
+    """``ipcbridge.optim.master_weights`` was given something it cannot use: an unknown mode, an optimizer
+    it cannot wrap, or a state dict of another mode or shape."""
+
+
 #: The error classes whose names may cross a process boundary. See Note [error types cross processes].
 _WIRE_TYPES: dict[str, type[IpcBridgeError]] = {
     cls.__name__: cls for cls in (IpcBridgeError, ManifestError, MappingError, BridgeError, FenceError, EngineError)

@@ -16,14 +16,14 @@ KEYS = {"reward_first", "reward_last", "steps", "transport", "attach_seconds", "
 
 def test_demo_json_reward_rises() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "ipcbridge", "demo", "--json", "--steps", "12", "--device", "cpu"],
+        [sys.executable, "-m", "ipcbridge", "demo", "--json", "--steps", "24", "--device", "cpu"],
         capture_output=True, text=True, timeout=240, check=True,
     )
     summary = json.loads(out.stdout)
     assert summary.keys() >= KEYS
     assert summary["reward_last"] > summary["reward_first"] + 0.3
     assert summary["trainer_weight_bytes"] == 0 and summary["model_weight_bytes"] > 0
-    assert summary["transport"] == "shm" and summary["steps"] == 12
+    assert summary["transport"] == "shm" and summary["steps"] == 24
 
 
 def test_usage_errors_exit_nonzero(capsys) -> None:

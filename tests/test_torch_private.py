@@ -66,3 +66,19 @@ def test_a_changed_tuple_names_the_torch_version() -> None:
         _torch.share_fd_cpu(_Reshaped())
     with pytest.raises(BridgeError, match="expects 8"):
         _torch.open_shared_cuda((0, b"h"))
+
+
+def test_version_counter_contract() -> None:
+    base = torch.zeros(8)
+    p = torch.nn.Parameter(base[:4])
+    v = _torch.tensor_version(p)
+    with torch.no_grad():
+        p.add_(1)
+    assert _torch.tensor_version(p) == v + 1
+    p.data.add_(1)  # .data has a counter of its own: invisible, as the Note says
+    assert _torch.tensor_version(p) == v + 1
+    base[6] = 1.0  # a write anywhere in the viewed tensor moves the shared counter
+    assert _torch.tensor_version(p) == v + 2
+
+
+# ---- precision ------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_optimizer_step_updates_served_weights(engine) -> None:
 
 
 def test_demo_over_cuda_ipc() -> None:
-    out = subprocess.run([sys.executable, "-m", "ipcbridge", "demo", "--json", "--steps", "20"],
+    out = subprocess.run([sys.executable, "-m", "ipcbridge", "demo", "--json", "--steps", "30"],
                          capture_output=True, text=True, timeout=300, check=True)
     s = json.loads(out.stdout)
     print("\ndemo:", out.stdout)

@@ -28,6 +28,9 @@ def require_vllm() -> None:
     pytest.importorskip("vllm.entrypoints.llm", reason="needs vllm==0.25.1 (GPU machine)")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    # vLLM forks its engine process unless CUDA is initialized here; a test run that starts with these
+    # tests initializes CUDA only later, inside the forked child, which then cannot use it.
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
 
 def tiny_config(arch: str) -> Any:
