@@ -389,9 +389,9 @@ class Fence:
         except BaseException:
             _quietly(self.endpoint.cancel, lease, "cancel the pause request")  # Ctrl-C while waiting
             raise
-        self._lease = lease
         paused = time.perf_counter() - t0
-        try:
+        try:  # from here on the pause is held: anything that raises (Ctrl-C too) must release it
+            self._lease = lease
             yield lease
         except BaseException:
             self._finish(lease, failed=True, commit=None, paused=paused)
