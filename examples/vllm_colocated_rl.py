@@ -9,7 +9,11 @@ The task is a toy one so that it runs with dummy weights and no tokenizer: the r
 fraction of its tokens whose id is below ``GOOD_BELOW`` (10% of the vocabulary); the policy learns to emit
 them.
 
-    source .vllm-bundle/install.sh && PYTHONPATH=. python3 examples/vllm_colocated_rl.py --steps 30
+    pip install "ipcbridge[vllm]"          # on a GPU machine, in a clone of this repository
+    python examples/vllm_colocated_rl.py --steps 30
+
+vLLM serves bf16, so the optimizer is wrapped in ``ipcbridge.optim.master_weights`` (exact fp32 masters for
++2 bytes per parameter; docs/precision.md).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def train(engine: Any, bridge: Any, *, steps: int = 30, batch: int = 16, prompt_
     model = bridge.model
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = ipcbridge.optim.master_weights(torch.optim.Adam(model.parameters(), lr=lr))
     g = torch.Generator().manual_seed(seed)
     endpoint = engine.ipcbridge_endpoint()
     history: list[dict[str, float]] = []

@@ -274,6 +274,35 @@ class Bridge:
                 att.close()
             self.endpoint.close()
 
+    def __repr__(self) -> str:
+        """What the bridge holds, from its own state only: no RPC (a repr must not block on a busy or dead
+        engine) and never an exception (reprs run in tracebacks and debuggers, closed bridges included)."""
+        def names(dtypes: set[torch.dtype]) -> str:
+            return "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+
+        try:
+            pid = self.manifest.producer.pid
+            parts = [f"engine='{self.endpoint.name} (pid {pid})'", f"transport={self.manifest.transport!r}"]
+            model = self.model
+            if model is not None:
+                params = list(model.parameters())
+                dtypes = {p.dtype for p in params}
+                parts += [f"model={type(model).__name__}", f"{len(params)} parameters",
+                          f"{model_weight_bytes(model) / 2**20:.2f} MiB {names(dtypes)}"]
+            else:  # closed: the model is gone; describe what the engine exported instead
+                specs, config = self.manifest.tensors, self.manifest.config or {}
+                if config.get("architectures"):
+                    parts.append(f"model={config['architectures'][0]}")
+                elif config.get("model_type"):
+                    parts.append(f"model_type={config['model_type']!r}")
+                parts += [f"{len(specs)} engine tensors",
+                          f"{self.manifest.total_bytes() / 2**20:.2f} MiB "
+                          f"{names({s.torch_dtype for s in specs})}"]
+            parts += [f"weight_version={self._fence.version}", "open" if model is not None else "closed"]
+            return f"Bridge({', '.join(parts)})"
+        except Exception as e:  # a half-built or damaged bridge still prints
+            return f"<Bridge at {id(self):#x} ({type(e).__name__} reading its state)>"
+
     def __enter__(self) -> Bridge:
         return self
 
@@ -373,8 +402,8 @@ def _warn_precision(model: nn.Module) -> None:
     _precision_warned = True
     warnings.warn(
         f"the engine serves {'/'.join(low)} weights: an optimizer stepping them directly rounds small updates "
-        "away (at lr 1e-6 one bf16 AdamW step changes only about 2% of the weights). For training equal to fp32 "
-        "master weights, wrap the optimizer: opt = ipcbridge.optim.master_weights(opt, mode=\"remainder\") "
+        "away (at lr 1e-5 plain bf16 AdamW applies about half the updates fp32 training does). For training "
+        "equal to fp32 master weights, wrap the optimizer: opt = ipcbridge.optim.master_weights(opt, mode=\"remainder\") "
         "(+2 bytes per parameter). Shown once per process",
         PrecisionWarning, stacklevel=3,
     )

@@ -4,17 +4,20 @@ The engine samples completions; the reward is the fraction of sampled tokens equ
 the trainer runs REINFORCE (with a mean baseline) on the attached model, whose parameters *are* the
 engine's weights; each optimizer step is fenced with ``bridge.update()``. The reward climbs because the
 engine's next samples come from the weights the trainer just wrote, with no copy in between.
+
+The library never prints: progress and per-step rows go to the ``log`` callable (the CLI passes ``print``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -23,6 +26,19 @@ from ipcbridge.bridge import model_weight_bytes
 from ipcbridge.optim import master_weights
 
 TARGET_TOKEN = 7
+#: ``reward_first`` / ``reward_last`` average this many steps, so one lucky batch does not decide them
+WINDOW = 3
+
+
+class Log(Protocol):
+    """A ``print``-like sink: ``log(text)`` writes a line; ``log(text, end="")`` starts a line that the
+    next call finishes (start-up phases print "starting the engine... 4.8 s" on one line)."""
+
+    def __call__(self, text: str, *, end: str = ...) -> None: ...
+
+
+def _silent(text: str, *, end: str = "\n") -> None:
+    del text, end
 
 
 def demo_config(vocab_size: int = 96) -> Any:
@@ -35,9 +51,16 @@ def demo_config(vocab_size: int = 96) -> Any:
 
 
 @dataclass
+class Step:
+    step: int
+    reward: float
+    weight_version: int
+
+
+@dataclass
 class Summary:
-    reward_first: float
-    reward_last: float
+    reward_first: float  # mean reward of the first WINDOW steps
+    reward_last: float  # mean reward of the last WINDOW steps
     steps: int
     transport: str
     engine: str
@@ -50,10 +73,30 @@ class Summary:
     model_weight_bytes: int
     cuda_allocated_delta_bytes: int | None
     seconds: float
+    engine_start_seconds: float = 0.0
+    reward_window: int = WINDOW
+    per_step: list[Step] = field(default_factory=list)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.per_step]
 
 
 def reward(tokens: list[int], target: int = TARGET_TOKEN) -> float:
     return sum(t == target for t in tokens) / max(1, len(tokens))
+
+
+@contextlib.contextmanager
+def _phase(log: Log, text: str) -> Iterator[None]:
+    """Log ``text...`` now and its duration when done, so a slow start-up is never silent."""
+    log(f"{text}... ", end="")
+    t0 = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        log("failed")
+        raise
+    log(f"{time.perf_counter() - t0:.2f} s")
 
 
 def _start_engine(kind: str, config: Any, device: str | None, seed: int, dtype: str) -> Any:
@@ -78,13 +121,14 @@ def _reinforce(model: Any, opt: torch.optim.Optimizer, ids: list[list[int]], adv
     loss.backward()
 
 
-def _summary(bridge: ipcbridge.Bridge, engine: str, precision: str, rewards: list[float],
+def _summary(bridge: ipcbridge.Bridge, engine: str, precision: str, history: list[Step],
              cuda_delta: int | None) -> Summary:
     model = bridge.model
     param = next(model.parameters())
+    rewards = [s.reward for s in history]
     return Summary(
-        reward_first=statistics.fmean(rewards[:3]),
-        reward_last=statistics.fmean(rewards[-3:]),
+        reward_first=statistics.fmean(rewards[:WINDOW]),
+        reward_last=statistics.fmean(rewards[-WINDOW:]),
         steps=len(rewards),
         transport=bridge.transport,
         engine=engine,
@@ -97,7 +141,44 @@ def _summary(bridge: ipcbridge.Bridge, engine: str, precision: str, rewards: lis
         model_weight_bytes=model_weight_bytes(model),
         cuda_allocated_delta_bytes=cuda_delta,
         seconds=0.0,
+        per_step=history,
     )
+
+
+def _connect(eng: Any, precision: str, log: Log) -> tuple[ipcbridge.Bridge, int | None]:
+    """Attach the trainer; returns the bridge and the CUDA bytes attaching allocated (None on CPU)."""
+    cuda = torch.cuda.is_available() and getattr(eng, "device", "cpu") != "cpu"
+    before = torch.cuda.memory_allocated() if cuda else 0
+    with _phase(log, "attaching the trainer to the engine's weights"), warnings.catch_warnings():
+        if precision != "none":  # the warning's advice is taken in _train
+            warnings.simplefilter("ignore", ipcbridge.PrecisionWarning)
+        bridge = ipcbridge.connect(eng)
+    return bridge, (torch.cuda.memory_allocated() - before if cuda else None)
+
+
+def _train(eng: Any, bridge: ipcbridge.Bridge, vocab_size: int, *, steps: int, batch: int, max_tokens: int,
+           lr: float, seed: int, precision: str, log: Log) -> list[Step]:
+    """The RL loop: sample, score, REINFORCE, step inside the fence. One logged row per step."""
+    rng = random.Random(seed)
+    model = bridge.model
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if precision != "none":  # bf16 weights train like fp32 (README, Precision)
+        opt = master_weights(opt, precision, seed=seed)
+    history: list[Step] = []
+    log(f"{'step':>4} {'reward':>7} {'version':>7}  sample (token ids; {TARGET_TOKEN} scores)")
+    for step in range(steps):
+        prompts = [[rng.randrange(1, vocab_size) for _ in range(4)] for _ in range(batch)]
+        outs = eng.generate(prompts, max_tokens=max_tokens, temperature=1.0, seed=seed * 100003 + step)
+        rs = [reward(o.token_ids) for o in outs]
+        mean_r = statistics.fmean(rs)
+        history.append(Step(step, mean_r, int(outs[0].weight_version)))
+        log(f"{step:>4} {mean_r:>7.3f} {outs[0].weight_version:>7}  {outs[0].token_ids}")
+        _reinforce(model, opt, [p + o.token_ids for p, o in zip(prompts, outs, strict=True)],
+                   [r - mean_r for r in rs], len(prompts[0]))
+        with bridge.update():
+            opt.step()
+    return history
 
 
 def run(
@@ -110,45 +191,56 @@ def run(
     dtype: str = "bfloat16",
     precision: str = "remainder",
     device: str | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Log | Callable[..., None] | None = None,
 ) -> Summary:
-    """Run the demo loop; ``log`` receives one line per step. Returns the summary."""
-    log = log or (lambda _line: None)
+    """Run the demo loop and return its summary.
+
+    ``log`` (``print``-like, see :class:`Log`) receives start-up progress and one row per step; the default
+    is silent.
+    """
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps={steps}, batch={batch}: both must be at least 1")
+    log = log or _silent
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     config = demo_config()
     t_start = time.perf_counter()
-    with _start_engine(engine, config, device, seed, dtype) as eng:
-        cuda = torch.cuda.is_available() and getattr(eng, "device", "cpu") != "cpu"
-        before = torch.cuda.memory_allocated() if cuda else 0
-        with warnings.catch_warnings():
-            if precision != "none":  # the warning's advice is taken below
-                warnings.simplefilter("ignore", ipcbridge.PrecisionWarning)
-            bridge = ipcbridge.connect(eng)
-        delta = torch.cuda.memory_allocated() - before if cuda else None
-        model = bridge.model
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        if precision != "none":  # bf16 weights train like fp32 (README, Precision)
-            opt = master_weights(opt, precision, seed=seed)
-        rewards: list[float] = []
-        log(f"{'step':>4} {'reward':>7} {'version':>7}  sample")
-        for step in range(steps):
-            prompts = [[rng.randrange(1, config.vocab_size) for _ in range(4)] for _ in range(batch)]
-            outs = eng.generate(prompts, max_tokens=max_tokens, temperature=1.0, seed=seed * 100003 + step)
-            rs = [reward(o.token_ids) for o in outs]
-            mean_r = statistics.fmean(rs)
-            rewards.append(mean_r)
-            log(f"{step:>4} {mean_r:>7.3f} {outs[0].weight_version:>7}  {outs[0].token_ids}")
-            _reinforce(model, opt, [p + o.token_ids for p, o in zip(prompts, outs, strict=True)],
-                       [r - mean_r for r in rs], len(prompts[0]))
-            with bridge.update():
-                opt.step()
-        summary = _summary(bridge, engine, precision, rewards, delta)
+    where = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with contextlib.ExitStack() as stack:
+        # entering is part of starting: VllmEngine starts vLLM in __enter__, LocalEngine in __init__
+        with _phase(log, f"starting the {engine} engine ({where}, {dtype})"):
+            eng = stack.enter_context(_start_engine(engine, config, device, seed, dtype))
+        engine_seconds = time.perf_counter() - t_start
+        bridge, delta = _connect(eng, precision, log)
+        history = _train(eng, bridge, config.vocab_size, steps=steps, batch=batch, max_tokens=max_tokens,
+                         lr=lr, seed=seed, precision=precision, log=log)
+        summary = _summary(bridge, engine, precision, history, delta)
         bridge.close()
     summary.seconds = time.perf_counter() - t_start
+    summary.engine_start_seconds = engine_seconds
     return summary
 
 
 def summary_dict(s: Summary) -> dict[str, Any]:
+    """The summary as plain JSON types; ``per_step`` is a list of {step, reward, weight_version}."""
     return asdict(s)
+
+
+def plot(s: Summary, path: str) -> None:
+    """Write the reward curve to ``path`` (PNG). Needs matplotlib: ``pip install "ipcbridge[plot]"``."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError('plotting needs matplotlib; pip install "ipcbridge[plot]"') from e
+    matplotlib.use("Agg")  # a file, never a window: works on headless machines
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    try:
+        ax.plot([p.step for p in s.per_step], s.rewards, marker="o", markersize=3)
+        ax.set(xlabel="step", ylabel=f"reward (share of token {TARGET_TOKEN})", ylim=(-0.02, 1.02),
+               title=f"ipcbridge demo: {s.engine} engine, {s.device}, {s.dtype}, transport {s.transport}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)

@@ -40,6 +40,11 @@ class EngineError(BridgeError):
     """The embedded engine process died, timed out, or rejected a request."""
 
 
+class RequestError(EngineError, ValueError):
+    """A request's arguments are wrong (shape, type or range): raised in the caller's process before anything is
+    sent, and, for the engine's own check of the same request, carried back as the same type."""
+
+
 class PrecisionError(IpcBridgeError, ValueError):
     """``ipcbridge.optim.master_weights`` was given something it cannot use: an unknown mode, an optimizer
     it cannot wrap, or a state dict of another mode or shape."""
@@ -47,7 +52,8 @@ class PrecisionError(IpcBridgeError, ValueError):
 
 #: The error classes whose names may cross a process boundary. See Note [error types cross processes].
 _WIRE_TYPES: dict[str, type[IpcBridgeError]] = {
-    cls.__name__: cls for cls in (IpcBridgeError, ManifestError, MappingError, BridgeError, FenceError, EngineError)
+    cls.__name__: cls
+    for cls in (IpcBridgeError, ManifestError, MappingError, BridgeError, FenceError, EngineError, RequestError)
 }
 
 

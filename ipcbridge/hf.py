@@ -240,13 +240,67 @@ def load_hf_state_dict(source: Mapping[str, Any]) -> tuple[PretrainedConfig, dic
     return config, {n: p.detach() for n, p in model.named_parameters()}
 
 
+#: A sharded checkpoint's index (``save_pretrained`` writes it next to the shards).
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_DIR_HELP = "pass a directory written by save_pretrained (config.json and *.safetensors), or a transformers config"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files a model directory's weights are read from (what :func:`load_hf_state_dict` loads);
+    ``FileNotFoundError`` naming what is missing: no ``*.safetensors`` at all, or shards its index lists."""
+    files = sorted(path.glob("*.safetensors"))
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MappingError(f"{index} is not a safetensors index (no weight_map: {e}); re-save the model") from None
+        missing = sorted(shards - {f.name for f in files})
+        if missing:
+            raise FileNotFoundError(
+                f"{path}: {SAFETENSORS_INDEX} lists {len(missing)} shard(s) that are not there: {missing[:4]}; "
+                "copy the whole checkpoint directory"
+            )
+    if not files:
+        bins = sorted(p.name for p in path.glob("*.bin"))
+        found = f" (it has {bins[:3]}: PyTorch pickles, which the engine does not load)" if bins else ""
+        raise FileNotFoundError(
+            f"no *.safetensors files in {path}{found}: the engine loads weights from safetensors only; save the "
+            "model with model.save_pretrained(path) (safetensors is its default), or pass a config for random weights"
+        )
+    return files
+
+
+def model_dir_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A local model directory's ``config.json`` as a dict, after checking the directory has weights.
+
+    Cheap (reads two small files, imports no ``transformers``), so ``LocalEngine`` runs it in the caller's
+    process before starting an engine: ``FileNotFoundError`` naming the path and what it lacks, or
+    ``MappingError`` for a config.json that is no config (no ``model_type``).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a local model directory: it does not exist (no config.json); {_DIR_HELP}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a local model directory (no config.json); {_DIR_HELP}")
+    weight_files(path)
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise MappingError(f"{config_file} is not valid JSON ({e}); re-save the config") from None
+    if not isinstance(config, dict):
+        raise MappingError(f"{config_file} holds a {type(config).__name__}, not a config object; re-save the config")
+    model_type(config)
+    return config
+
+
 def _load_model_dir(path: Path) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
+    model_dir_config(path)  # the same checks the caller ran before starting the engine (the dir may have changed)
     config = to_hf_config(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    files = weight_files(path)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))

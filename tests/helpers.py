@@ -37,6 +37,33 @@ def vllm_weights(model, config) -> dict[str, torch.Tensor]:
     return {k: t.detach().clone() for k, t in to_vllm(dict(model.state_dict()), config).items()}
 
 
+class RecordingEndpoint:
+    """An in-process :class:`~ipcbridge.endpoints.Endpoint` that serves ``manifest`` and records every call
+    after it (pause, renew, resume, cancel, close); ``resume`` publishes ``version``."""
+
+    def __init__(self, manifest, version: int = 41, name: str = "recording") -> None:
+        self._m, self.version, self.name, self.calls = manifest, version, name, []
+
+    def manifest(self):
+        return self._m
+
+    def pause(self, lease, wait: float) -> None:
+        self.calls.append("pause")
+
+    def renew(self, lease) -> None:
+        self.calls.append("renew")
+
+    def resume(self, lease) -> int:
+        self.calls.append("resume")
+        return self.version  # the engine owns the version
+
+    def cancel(self, lease) -> None:
+        self.calls.append("cancel")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
 # ---- weight streaming (tests/stream) ----------------------------------------------------------------------
 
 

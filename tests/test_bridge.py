@@ -8,7 +8,7 @@ import torch
 import ipcbridge
 from ipcbridge import BridgeError
 from ipcbridge.endpoints import ENDPOINTS, ManifestEndpoint, resolve_endpoint
-from tests.helpers import reference_model, tiny_config, vllm_weights
+from tests.helpers import RecordingEndpoint, reference_model, tiny_config, vllm_weights
 
 
 def test_connect_to_a_manifest() -> None:
@@ -36,36 +36,10 @@ def test_endpoints_are_registered_by_module_path() -> None:
         assert module.startswith("ipcbridge.") and attr
 
 
-class _RecordingEndpoint:
-    name = "recording"
-
-    def __init__(self, manifest) -> None:
-        self._m, self.calls = manifest, []
-
-    def manifest(self):
-        return self._m
-
-    def pause(self, lease, wait: float) -> None:
-        self.calls.append("pause")
-
-    def renew(self, lease) -> None:
-        self.calls.append("renew")
-
-    def resume(self, lease) -> int:
-        self.calls.append("resume")
-        return 41  # the engine owns the version
-
-    def cancel(self, lease) -> None:
-        self.calls.append("cancel")
-
-    def close(self) -> None:
-        self.calls.append("close")
-
-
 def test_custom_endpoint_sees_pause_then_resume_with_the_new_version() -> None:
     cfg = tiny_config("llama")
     weights = vllm_weights(reference_model(cfg), cfg)
-    ep = _RecordingEndpoint(ipcbridge.export(weights, cfg))
+    ep = RecordingEndpoint(ipcbridge.export(weights, cfg))
     assert resolve_endpoint(ep) is ep
     bridge = ipcbridge.connect(ep)
     with bridge.update():

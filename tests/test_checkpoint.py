@@ -11,6 +11,8 @@ import torch
 
 import ipcbridge
 from ipcbridge import checkpoint, mapping
+from tests.helpers import reference_model as helpers_reference_model
+from tests.helpers import tiny_config, vllm_weights
 from tests.mapping.mapping_cases import CASES, reference_model, token_ids
 
 SAVED_CASES = ["llama-untied", "qwen3-qknorm", "gemma2-tied", "phi3-tied", "gpt2-untied", "opt-tied"]
@@ -96,12 +98,123 @@ def test_sharded_save_holds_one_shard_of_copies(tmp_path, monkeypatch) -> None:
     assert sorted(f for f in os.listdir(tmp_path) if "safetensors" in f) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("case_id", ["llama-untied", "gemma2-tied", "gpt2-untied"])
+def test_shards_and_index_match_transformers_own_save(tmp_path, case_id: str) -> None:
+    """The attached model's tensors share the engine's storages; the plan must still be transformers' plan."""
+    _, ref, _, model = _attached(case_id)
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    files = ipcbridge.save_pretrained(model, tmp_path / "ours", max_shard_size="20KB")
+
+    def weight_files(d):
+        return sorted(f for f in os.listdir(d) if "safetensors" in f)
+
+    assert len(files) > 2
+    assert weight_files(tmp_path / "ours") == weight_files(tmp_path / "hf")
+    ours = json.loads((tmp_path / "ours" / checkpoint.INDEX_NAME).read_text())
+    theirs = json.loads((tmp_path / "hf" / checkpoint.INDEX_NAME).read_text())
+    assert ours == theirs  # same weight_map (names and files) and metadata (total_size, total_parameters)
+    assert list(ours["weight_map"]) == sorted(ours["weight_map"])  # written with sorted keys, as transformers
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.equal(_load(tmp_path / "ours")(ids).logits, _load(tmp_path / "hf")(ids).logits)
+        assert torch.equal(_load(tmp_path / "ours")(ids).logits, ref(ids).logits)
+
+
+def test_shards_of_weights_in_one_shared_segment(tmp_path) -> None:
+    """An engine may hold every weight in one allocation (a /dev/shm segment, a vLLM memory pool): the plan
+    must size each tensor by its own bytes, not by the storage they all share (that would be one shard)."""
+    cfg = tiny_config("llama")
+    ref = helpers_reference_model(cfg)
+    weights = vllm_weights(ref, cfg)
+    pool = torch.empty(sum(t.numel() for t in weights.values()))
+    views, at = {}, 0
+    for name, t in weights.items():
+        views[name] = pool[at:at + t.numel()].view(t.shape).copy_(t)
+        at += t.numel()
+    model = ipcbridge.attach(views, cfg)
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    ipcbridge.save_pretrained(model, tmp_path / "ours", max_shard_size="40KB")
+    ours = json.loads((tmp_path / "ours" / checkpoint.INDEX_NAME).read_text())
+    assert ours == json.loads((tmp_path / "hf" / checkpoint.INDEX_NAME).read_text())
+    assert len(set(ours["weight_map"].values())) > 2
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.equal(_load(tmp_path / "ours")(ids).logits, ref(ids).logits)
+
+
 def test_shard_size_is_validated(tmp_path) -> None:
     _, _, _, model = _attached("gpt2-tied")
     for bad in ("lots", 0, "-1GB"):
         with pytest.raises(ValueError, match="max_shard_size"):
             ipcbridge.save_pretrained(model, tmp_path, max_shard_size=bad)
     assert checkpoint.parse_size("1.5KB") == 1500 and checkpoint.parse_size("2MiB") == 2 * 2**20
+
+
+def _tokenizer_dir(path) -> str:
+    """A model directory as a user has one: a real (tiny, built here) tokenizer, a generation config with
+    sampling defaults, and a config.json that must not reach the checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", "hello", "world", "again"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(path)
+    GenerationConfig(temperature=0.6, top_p=0.9, do_sample=True, eos_token_id=[2, 5]).save_pretrained(path)
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    (path / "config.json").write_text('{"model_type": "not-this-one"}')
+    return str(path)
+
+
+def test_tokenizer_and_generation_files_are_copied(tmp_path) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    src = _tokenizer_dir(tmp_path / "src")
+    present = sorted(f for f in checkpoint.SOURCE_FILES if os.path.exists(os.path.join(src, f)))
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "merges.txt"} <= set(present)
+    assert "vocab.json" not in present and "tokenizer.model" not in present  # absent files are skipped
+
+    _, ref, _, model = _attached("llama-untied")
+    ipcbridge.save_pretrained(model, tmp_path / "out", source_dir=tmp_path / "src")
+    out = tmp_path / "out"
+    for name in present:
+        assert (out / name).read_bytes() == (tmp_path / "src" / name).read_bytes(), name
+    assert not (out / "vocab.json").exists() and not (out / "tokenizer.model").exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"  # the model's, not the source's
+    assert GenerationConfig.from_pretrained(out).temperature == 0.6  # the source's sampling defaults
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("hello world again")["input_ids"] == [4, 5, 6] and tok.eos_token == "</s>"
+    with torch.no_grad():
+        assert torch.equal(_load(out)(token_ids()).logits, ref(token_ids()).logits)
+
+
+def test_source_dir_defaults_to_where_the_config_came_from(tmp_path) -> None:
+    src = _tokenizer_dir(tmp_path / "src")
+    _, _, _, model = _attached("qwen3-qknorm")
+    model.config._name_or_path = src  # as AutoConfig.from_pretrained(dir), and so LocalEngine(dir), sets it
+    ipcbridge.save_pretrained(model, tmp_path / "auto")
+    assert (tmp_path / "auto" / "tokenizer.json").exists()
+    ipcbridge.save_pretrained(model, tmp_path / "none", source_dir=False)
+    assert not (tmp_path / "none" / "tokenizer.json").exists()
+
+    model.config._name_or_path = "Qwen/Qwen3-0.6B"  # a hub id, not a local directory: nothing to copy
+    ipcbridge.save_pretrained(model, tmp_path / "hub")
+    assert sorted(os.listdir(tmp_path / "hub")) == ["config.json", "generation_config.json", "model.safetensors"]
+
+    # Saving into the source directory itself copies nothing onto itself and keeps its tokenizer.
+    before = (tmp_path / "src" / "tokenizer.json").read_bytes()
+    ipcbridge.save_pretrained(model, src, source_dir=src)
+    assert (tmp_path / "src" / "tokenizer.json").read_bytes() == before
+
+
+def test_a_missing_source_dir_fails_before_writing(tmp_path) -> None:
+    _, _, _, model = _attached("gpt2-tied")
+    with pytest.raises(FileNotFoundError, match="source_dir=False"):
+        ipcbridge.save_pretrained(model, tmp_path / "out", source_dir=tmp_path / "nowhere")
+    assert not (tmp_path / "out").exists()
 
 
 class _Tokens(torch.utils.data.Dataset):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -19,28 +20,57 @@ from typing import Any
 import torch
 
 from ipcbridge.engine import protocol
-from ipcbridge.engine.inputs import Limits
+from ipcbridge.engine.inputs import Limits, engine_device, engine_dtype
 from ipcbridge.engine.types import GenerateOutput
-from ipcbridge.errors import EngineError
+from ipcbridge.errors import EngineError, IpcBridgeError, MappingError, error_type
 from ipcbridge.fence import Lease, caller_id
-from ipcbridge.hf import config_dict
+from ipcbridge.hf import config_dict, model_dir_config
 from ipcbridge.manifest import Manifest
+from ipcbridge.mapping.registry import get_arch
 
 logger = logging.getLogger(__name__)
 
 
 def _source(model: Any, seed: int) -> dict[str, Any]:
+    """What the engine loads (``hf.load_hf_state_dict``'s source), checked here in milliseconds: a model
+    directory's config and weights files, and that the architecture has a vLLM-layout table (what the engine
+    maps its weights with). Nothing is imported or loaded that the caller's process does not already have."""
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is not a local model directory (no config.json); pass a transformers config or a "
-                "directory written by save_pretrained"
+        source: dict[str, Any] = {"path": str(path.resolve())}
+        config = model_dir_config(path)
+    elif isinstance(model, Mapping) or hasattr(model, "to_dict"):
+        config = config_dict(model) or {}
+        source = {"config": config, "seed": seed}  # JSON-safe: the source travels as JSON
+    else:
+        raise TypeError(
+            f"LocalEngine takes a transformers config, a config dict or a local path, got {type(model).__name__}"
+        )
+    try:
+        get_arch(config, "vllm")  # the table the engine maps its weights with
+    except MappingError as e:
+        raise MappingError(f"LocalEngine cannot serve this model: {e}") from None
+    return source
+
+
+# The last line of a Python traceback for one of ipcbridge's own errors, as the engine's log ends when it
+# fails to start: Note [error types cross processes] (only the names ``error_type`` knows become types).
+_START_ERROR = re.compile(r"^ipcbridge\.errors\.(\w+): (.*)$")
+
+
+def _start_error(log: list[str], code: int) -> IpcBridgeError:
+    """The error to raise for an engine that exited while starting: the child's own ipcbridge error type and
+    message where its log ends in one, else ``EngineError``; either way with the log's tail."""
+    tail = "\n".join(log[-15:])
+    for i in range(len(log) - 1, -1, -1):
+        m = _START_ERROR.match(log[i])
+        if m is not None:
+            message = "\n".join([m.group(2), *log[i + 1:]]).strip()
+            return error_type(m.group(1), EngineError)(
+                f"{message}\n(raised in the engine process, which exited with code {code} while starting; its "
+                f"log ends:\n{tail})"
             )
-        return {"path": str(path.resolve())}
-    if isinstance(model, Mapping) or hasattr(model, "to_dict"):
-        return {"config": config_dict(model), "seed": seed}  # JSON-safe: the source travels as JSON
-    raise TypeError(f"LocalEngine takes a transformers config, a config dict or a local path, got {type(model).__name__}")
+    return EngineError(f"engine process exited with code {code} while starting:\n{tail}")
 
 
 def _stop(proc: subprocess.Popen[bytes], workdir: str) -> None:
@@ -62,6 +92,11 @@ class LocalEngine:
     directory with ``config.json`` and ``*.safetensors``. ``device`` defaults to ``"cuda"`` when available
     (weights shared over CUDA IPC), else ``"cpu"`` (shared through /dev/shm). The engine owns the weights;
     ``ipcbridge.connect(engine)`` gives a trainer views of them. ``close()`` (or leaving ``with``) stops it.
+
+    The arguments are checked before the process starts, in milliseconds: ``FileNotFoundError`` for a
+    directory without ``config.json`` or weights, ``MappingError`` for a config without ``model_type`` or an
+    architecture ipcbridge does not map, ``ValueError`` for a bad ``device`` or ``dtype``. An ipcbridge error
+    the engine raises while starting arrives as its own type too (with the engine log's tail).
     """
 
     def __init__(
@@ -74,9 +109,10 @@ class LocalEngine:
         start_timeout: float = 120.0,
         request_timeout: float = 60.0,
     ) -> None:
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
-        dtype_name = str(dtype).removeprefix("torch.")
+        # Everything that can be checked without the model is checked here, before the engine starts (which
+        # takes seconds): a bad argument fails in milliseconds, in the caller's process, as its own type.
+        self.device = engine_device(device)
+        dtype_name = engine_dtype(dtype, self.device)
         self.request_timeout = request_timeout
         #: The model's context and vocabulary, from the engine's first ping: requests are checked against them
         #: here, before they are sent (Note [bounded requests] in ipcbridge.engine.inputs).
@@ -108,19 +144,21 @@ class LocalEngine:
 
     # -- process management --------------------------------------------------------------------------
 
-    def _log_tail(self, lines: int = 15) -> str:
+    def _log_lines(self) -> list[str]:
         try:
-            text = Path(self.log_path).read_text(errors="replace").strip().splitlines()
+            return Path(self.log_path).read_text(errors="replace").strip().splitlines()
         except OSError:
-            return "(no log)"
-        return "\n".join(text[-lines:])
+            return ["(no log)"]
+
+    def _log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self._log_lines()[-lines:])
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self._proc.poll()
             if code is not None:
-                raise EngineError(f"engine process exited with code {code} while starting:\n{self._log_tail()}")
+                raise _start_error(self._log_lines(), code)
             if os.path.exists(self.socket_path):
                 try:
                     pong = protocol.call(self.socket_path, self._token, "ping", timeout=5.0)

@@ -16,12 +16,15 @@ Note [bounded requests]
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipcbridge.errors import EngineError
+import torch
+
+from ipcbridge.errors import EngineError, RequestError
 from ipcbridge.wire import INT64_MAX
 
 #: The context assumed for a config that declares none: HF's own default ``max_position_embeddings``
@@ -31,28 +34,106 @@ FALLBACK_CONTEXT = 2048
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 #: The deadline of a request that names none (the default ``LocalEngine(request_timeout=...)``).
 DEFAULT_DEADLINE_SECONDS = 60.0
+#: The dtypes the engine keeps weights in (the names ``python -m ipcbridge.engine.server --dtype`` takes).
+ENGINE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: The device types the engine's weights can be shared from: /dev/shm (cpu) and CUDA IPC (cuda).
+ENGINE_DEVICES = ("cpu", "cuda")
 
 
 def check_int(value: Any, what: str, minimum: int = 0, maximum: int = INT64_MAX) -> int:
-    """An int (not a bool or a float) in ``[minimum, maximum]``, or ``EngineError`` naming ``what``."""
+    """An int (not a bool or a float) in ``[minimum, maximum]``, or ``RequestError`` naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         bound = f">= {minimum}" if maximum == INT64_MAX else f"in [{minimum}, {maximum}]"
-        raise EngineError(f"{what} must be an int {bound}, got {value!r:.60}")
+        raise RequestError(f"{what} must be an int {bound}, got {value!r:.60}")
     return value
 
 
 def check_number(value: Any, what: str, minimum: float = 0.0) -> float:
-    """A finite number (not a bool) at least ``minimum``, or ``EngineError`` naming ``what``."""
+    """A finite number (not a bool) at least ``minimum``, or ``RequestError`` naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise EngineError(f"{what} must be a finite number >= {minimum}, got {value!r:.60}")
+        raise RequestError(f"{what} must be a finite number >= {minimum}, got {value!r:.60}")
     return float(value)
 
 
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
 def _tokens(value: Any, what: str, vocab: int) -> list[int]:
-    if (not isinstance(value, list) or not value
-            or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in value)):
-        raise EngineError(f"{what} must be a non-empty list of token ids in [0, {vocab})")
-    return value
+    """``value`` if it is a non-empty list of token ids in ``[0, vocab)``; else ``RequestError`` saying which."""
+    if not isinstance(value, list):
+        detail = f"got {type(value).__name__}" + ("; convert it with .tolist()" if hasattr(value, "tolist") else "")
+    elif not value:
+        detail = "got an empty list"
+    else:
+        bad = next(((j, t) for j, t in enumerate(value) if not _is_token(t) or not 0 <= t < vocab), None)
+        if bad is None:
+            return value
+        j, t = bad
+        detail = (f"{what}[{j}] is {t!r:.40} ({type(t).__name__}), not an int" if not _is_token(t) else
+                  f"{what}[{j}] = {t} is outside the model's vocabulary (vocab_size={vocab})")
+    raise RequestError(f"{what} must be a non-empty list of token ids in [0, {vocab}); {detail}")
+
+
+def check_prompts(prompts: Any) -> None:
+    """``RequestError`` unless ``prompts`` is a non-empty list; names the usual slip, one prompt (a flat list
+    of ints) where a list of prompts belongs. Each prompt's tokens are checked by ``_tokens``."""
+    if isinstance(prompts, list) and prompts and all(_is_token(t) for t in prompts):
+        raise RequestError(
+            "generate: prompts must be a list of token-id lists, e.g. [[1, 2, 3]]; got a flat list of ints: wrap "
+            "it in a list"
+        )
+    if not isinstance(prompts, list) or not prompts:
+        got = "an empty list" if isinstance(prompts, list) else type(prompts).__name__
+        raise RequestError(
+            f"generate: prompts must be a non-empty list of prompts (lists of token ids), e.g. [[1, 2, 3]]; got {got}"
+        )
+
+
+def engine_device(device: str | torch.device | None) -> str:
+    """The engine's device as a string: ``device``, or ``cuda`` when this torch sees a GPU, else ``cpu``.
+
+    Checked in the trainer's process before an engine starts, so a bad device fails in milliseconds rather
+    than after the engine has loaded the model: ``ValueError`` with the fix.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r:.60} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ENGINE_DEVICES:
+        raise ValueError(f"device={device!r}: the embedded engine runs on {' or '.join(ENGINE_DEVICES)}; use one")
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(
+                f"device={device!r}, but this torch ({torch.__version__}) is a CPU-only build; use device='cpu', "
+                "or install a CUDA build of torch"
+            )
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+            raise ValueError(
+                f"device={device!r}, but torch sees no GPU (CUDA_VISIBLE_DEVICES={visible!r}); use device='cpu', "
+                "or run where a GPU is visible"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r}, but torch sees {count} GPU(s): use cuda:0 .. cuda:{count - 1}")
+    return str(dev)
+
+
+def engine_dtype(dtype: torch.dtype | str | None, device: str) -> str:
+    """The name of the engine's weight dtype (default: bfloat16 on CUDA, float32 on CPU); ``ValueError``
+    listing the accepted ones otherwise. Checked in the trainer's process, like :func:`engine_device`."""
+    if dtype is None:
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else None
+    if name not in ENGINE_DTYPES:
+        raise ValueError(
+            f"dtype={dtype!r:.60} is not one the engine keeps weights in; use one of "
+            f"{', '.join(ENGINE_DTYPES)} (a torch.dtype or its name)"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -87,14 +168,13 @@ class Limits:
         return {"context": self.context, "vocab": self.vocab}
 
     def check_generate(self, prompts: Any, max_tokens: Any, temperature: Any, seed: Any) -> None:
-        """``EngineError`` naming the argument unless a ``generate`` request fits (Note [bounded requests])."""
-        if not isinstance(prompts, list) or not prompts:
-            raise EngineError("generate: prompts must be a non-empty list of prompts (lists of token ids)")
+        """``RequestError`` naming the argument unless a ``generate`` request fits (Note [bounded requests])."""
+        check_prompts(prompts)
         check_int(max_tokens, "generate: max_tokens", minimum=1)
         for i, prompt in enumerate(prompts):
             _tokens(prompt, f"generate: prompts[{i}]", self.vocab)
             if len(prompt) + max_tokens > self.context:
-                raise EngineError(
+                raise RequestError(
                     f"generate: prompts[{i}] has {len(prompt)} tokens and max_tokens={max_tokens}, together more than "
                     f"the model's context (max_position_embeddings={self.context}); ask for at most "
                     f"{max(0, self.context - len(prompt))} tokens, or shorten the prompt"
@@ -104,11 +184,11 @@ class Limits:
             check_int(seed, "generate: seed", minimum=_SEED_MIN, maximum=_SEED_MAX)
 
     def check_score(self, prompt: Any, completion: Any) -> None:
-        """``EngineError`` naming the argument unless a ``score`` request fits."""
+        """``RequestError`` naming the argument unless a ``score`` request fits."""
         _tokens(prompt, "score: prompt", self.vocab)
         _tokens(completion, "score: completion", self.vocab)
         if len(prompt) + len(completion) > self.context:
-            raise EngineError(
+            raise RequestError(
                 f"score: the prompt ({len(prompt)} tokens) and completion ({len(completion)}) are together longer "
                 f"than the model's context (max_position_embeddings={self.context}); score a shorter sequence"
             )

@@ -15,8 +15,16 @@ from typing import Any
 import torch
 
 from ipcbridge.errors import MappingError
-from ipcbridge.hf import build_meta_model, to_hf_config
-from ipcbridge.mapping.plan import LABELS, Step, check_layouts, plan_from_hf, plan_from_vllm, resolve
+from ipcbridge.hf import build_meta_model, model_type, to_hf_config
+from ipcbridge.mapping.plan import (
+    LABELS,
+    Step,
+    check_layouts,
+    layout_hint,
+    plan_from_hf,
+    plan_from_vllm,
+    resolve,
+)
 from ipcbridge.mapping.registry import bound_arch
 from ipcbridge.mapping.rotary import permute_rotary, unpermute_rotary
 from ipcbridge.mapping.spec import BoundArch
@@ -166,12 +174,20 @@ def hf_parameter_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], set[st
 
 
 def _check_coverage(produced: dict[str, str], shapes: dict[str, tuple[int, ...]], unique: set[str],
-                    arch: BoundArch | None, src: str) -> None:
+                    arch: BoundArch | None, src: str, mt: str) -> None:
     """``produced``: HF name -> the ``src`` name it comes from. Every distinct HF parameter exactly once.
-    ``arch`` is ``src``'s table (None for HF), to name missing tensors in ``src``'s names."""
+    ``arch`` is ``src``'s table (None for HF), to name missing tensors in ``src``'s names; ``mt`` the
+    config's model type, to guess the layout the names are really in when they do not fit."""
     label = LABELS[src]
     missing = sorted(unique - produced.keys())
     extra = sorted(produced.keys() - shapes.keys())
+    if missing or extra:
+        hint = layout_hint(produced.values(), mt, src)
+        if hint:
+            raise MappingError(
+                f"{hint} As {label} names, the state dict lacks {len(missing)} and has {len(extra)} unexpected "
+                f"tensor(s) for the config's model: e.g. {(missing or extra)[:4]}"
+            )
     if missing:
         names = missing
         if arch is not None:
@@ -223,7 +239,7 @@ def convert(state_dict: Mapping[str, torch.Tensor], config: Any, src: str, dst: 
     # HF name -> name in src, to report errors in the caller's names.
     origin = {n: n for n in names} if first is None else {s.hf: s.target for s in first}
     shapes, unique = hf_parameter_shapes(config)
-    _check_coverage(origin, shapes, unique, arches.get(src), src)
+    _check_coverage(origin, shapes, unique, arches.get(src), src, model_type(config))
     second = None if dst in ("hf", src) else resolve(list(origin), arches[dst], "hf")
     if alias_only:  # before any tensor is touched
         _refuse_copies(first if dst != src else None, src, "hf")

@@ -17,7 +17,7 @@ from functools import cache
 from typing import Any, Literal
 
 from ipcbridge.errors import MappingError
-from ipcbridge.mapping.registry import LAYOUTS, bound_arch
+from ipcbridge.mapping.registry import LAYOUTS, bound_arch, specs_for
 from ipcbridge.mapping.spec import BoundArch, Rotary, Rows, Rule, Vocab
 
 Kind = Literal["alias", "copy"]
@@ -128,15 +128,41 @@ def _tied_steps(arch: BoundArch, steps: list[Step]) -> list[Step]:
     return out
 
 
-def _unknown(arch: BoundArch, src: str, unknown: list[str]) -> MappingError:
+def layout_fits(names: Iterable[str], model_type: str) -> dict[str, list[str]]:
+    """Per layout (``hf``, and each layout with a table for ``model_type``), the ``names`` its table
+    templates instantiate. Pure and table-driven; error paths only (it matches every name against every
+    template), to guess which layout a state dict is really in."""
+    templates: dict[str, set[str]] = {"hf": set()}
+    for layout, spec in specs_for(model_type).items():
+        templates["hf"].update(spec.params)
+        templates[layout] = {hf_t if rule.target is None else rule.target for hf_t, rule in spec.params.items()}
+    names = list(names)
+    return {layout: [n for n in names if any(_pattern(t).match(n) for t in ts)] for layout, ts in templates.items()}
+
+
+def layout_hint(names: Iterable[str], model_type: str, src: str) -> str:
+    """``"these look like X names (e.g. ...); did you mean src='x'?"`` when another layout's table fits
+    ``names`` better than ``src``'s (the usual slip: the right state dict under the wrong ``src``), else ``""``."""
+    fits = layout_fits(names, model_type)
+    own = set(fits.get(src, ()))
+    best = max((layout for layout in fits if layout != src), key=lambda layout: len(fits[layout]), default=None)
+    if best is None or len(fits[best]) <= len(own):
+        return ""
+    example = next((n for n in fits[best] if n not in own), fits[best][0])
+    return f"these look like {LABELS[best]} names (e.g. {example!r}); did you mean src={best!r}?"
+
+
+def _unknown(arch: BoundArch, src: str, unknown: list[str], names: list[str]) -> MappingError:
+    hint = layout_hint(names, arch.spec.model_types[0], src) if arch.spec.model_types else ""
+    lead = f"{hint} " if hint else ""
     if src == "hf":
         return MappingError(
-            f"{len(unknown)} HF tensor(s) are not in the {arch.name!r} table for the {LABELS[arch.layout]} "
+            f"{lead}{len(unknown)} HF tensor(s) are not in the {arch.name!r} table for the {LABELS[arch.layout]} "
             f"layout: {unknown[:8]}; check the config's model_type matches the weights (and that the layout "
             "has them)"
         )
     return MappingError(
-        f"{len(unknown)} {LABELS[src]} tensor(s) have no HF counterpart in the {arch.name!r} table: "
+        f"{lead}{len(unknown)} {LABELS[src]} tensor(s) have no HF counterpart in the {arch.name!r} table: "
         f"{unknown[:8]}; is the config the weights' own, and the model unquantized?"
     )
 
@@ -151,6 +177,7 @@ def resolve(names: Iterable[str], arch: BoundArch, src: str) -> list[Step]:
     from_hf = src == "hf"
     steps: list[Step] = []
     unknown = []
+    names = list(names)  # iterated again by the error path's hint
     for name in names:
         found = False
         for hf_name, target, rule in _entries(arch, name, from_hf):
@@ -167,7 +194,7 @@ def resolve(names: Iterable[str], arch: BoundArch, src: str) -> list[Step]:
         if not found:
             unknown.append(name)
     if unknown:
-        raise _unknown(arch, src, unknown)
+        raise _unknown(arch, src, unknown, names)
     return (steps + _tied_steps(arch, steps)) if arch.tied else steps
 
 

@@ -53,6 +53,12 @@ def supported_model_types(layout: str = "vllm") -> list[str]:
     return sorted(mt for a in _tables(layout) for mt in a.model_types)
 
 
+def specs_for(model_type: str) -> dict[str, ArchSpec]:
+    """Each layout's table serving ``model_type`` (layouts without one are absent): what an error message
+    compares a state dict's names against to guess which layout they are in."""
+    return {layout: a for layout, tables in _TABLES.items() for a in tables if model_type in a.model_types}
+
+
 def get_arch(config: Any, layout: str = "vllm") -> ArchSpec:
     """The table mapping ``config``'s architecture between HF and ``layout``, after checking the config
     is a variant the table maps."""
