@@ -75,7 +75,7 @@ class Split:
 
     def _take(self, counts: list[int]) -> list[Exceptions]:
         assert self.layout is not None
-        caps = self.layout.capacities_host
+        caps = self.layout.host_capacities
         spilled = sum(max(0, n - cap) for n, cap in zip(counts, caps, strict=True))
         if spilled:
             logger.warning("%d bf16 ties were served rounded up rather than to even: more than a tensor's "
@@ -96,7 +96,7 @@ def split(masters: Masters, served: list[torch.Tensor], remainders: list[torch.T
         return pending
     out = []
     for t, n in enumerate(counts.tolist()):  # the one sync
-        if n > lay.capacities_host[t]:  # fp16: overflows past the slots need the masters, alive now
+        if n > lay.host_capacities[t]:  # fp16: overflows past the slots need the masters, alive now
             out.append(codec.gather_exceptions(masters.tensors[t], codec.overflow(served[t], masters.tensors[t])[1]))
         else:
             out.append(pending._slice(t, n))
@@ -116,20 +116,10 @@ def finish(splits: list[Split]) -> list[list[Exceptions]]:
 
 def _split_eager(masters: list[torch.Tensor], served: list[torch.Tensor],
                  remainders: list[torch.Tensor]) -> list[Exceptions]:
-    counts = torch.zeros(len(served), dtype=torch.int64, device=served[0].device if served else "cpu")
-    pending = []
-    for i, (s, m) in enumerate(zip(served, masters, strict=True)):
-        s.copy_(m)
-        r, mask = codec.overflow(s, m)
-        counts[i] = mask.sum()
-        pending.append((r, mask))
-    out = []
-    for (r, mask), m, rem, n in zip(pending, masters, remainders, counts.tolist(), strict=True):  # one sync
-        if n:
-            r.masked_fill_(mask, 0)
-        rem.copy_(r)
-        out.append(codec.gather_exceptions(m, mask) if n else Exceptions.none(m.device))
-    return out
+    pending = [codec.begin_split(s, m) for s, m in zip(served, masters, strict=True)]
+    counts = torch.stack([mask.sum() for _, mask in pending]).tolist() if pending else []  # the one sync
+    return [codec.end_split(m, rem, r, mask, n)
+            for (r, mask), m, rem, n in zip(pending, masters, remainders, counts, strict=True)]
 
 
 def stochastic_round(masters: Masters, served: list[torch.Tensor], generator: torch.Generator | None,

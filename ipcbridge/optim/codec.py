@@ -84,16 +84,27 @@ def gather_exceptions(master: torch.Tensor, mask: torch.Tensor) -> Exceptions:
     return Exceptions(index, master.reshape(-1).index_select(0, index))
 
 
-def encode_remainder(served: torch.Tensor, master: torch.Tensor, remainder: torch.Tensor) -> Exceptions:
-    """Round ``master`` to nearest even into ``served`` and keep the exact rest in ``remainder``, in
-    place; returns the exceptions (Note [the remainder identity]). Syncs once, to count them."""
+def begin_split(served: torch.Tensor, master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``master`` to nearest even into ``served``; return its int32 remainder and where it overflows.
+    The caller counts the overflows (a device sync: batch them) and passes the count to :func:`end_split`."""
     served.copy_(master)
-    r, mask = overflow(served, master)
-    n = int(mask.sum())
+    return overflow(served, master)
+
+
+def end_split(master: torch.Tensor, remainder: torch.Tensor, r: torch.Tensor, mask: torch.Tensor,
+              n: int) -> Exceptions:
+    """Store ``r`` into the int16 ``remainder`` and return the ``n`` elements that overflow it."""
     if n:
         r.masked_fill_(mask, 0)
     remainder.copy_(r)
     return gather_exceptions(master, mask) if n else Exceptions.none(master.device)
+
+
+def encode_remainder(served: torch.Tensor, master: torch.Tensor, remainder: torch.Tensor) -> Exceptions:
+    """Round ``master`` to nearest even into ``served`` and keep the exact rest in ``remainder``, in
+    place; returns the exceptions (Note [the remainder identity]). Syncs once, to count them."""
+    r, mask = begin_split(served, master)
+    return end_split(master, remainder, r, mask, int(mask.sum()))
 
 
 def stochastic_round_(served: torch.Tensor, master: torch.Tensor, generator: torch.Generator | None) -> None:

@@ -77,7 +77,7 @@ class Layout:
     host_numels: tuple[int, ...]
     host_offsets: tuple[int, ...]
     host_exc_offsets: tuple[int, ...]
-    capacities_host: tuple[int, ...]
+    host_capacities: tuple[int, ...]
     total: int
     exc_total: int
 

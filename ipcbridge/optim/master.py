@@ -42,7 +42,7 @@ import torch
 from ipcbridge.errors import PrecisionError
 from ipcbridge.guard import require_update
 from ipcbridge.optim import batch
-from ipcbridge.optim.slots import Slot, make_slot, pack_masters, unpack_masters
+from ipcbridge.optim.slots import Slot, check_masters, load_masters, make_slot, pack_masters, reset_masters
 
 logger = logging.getLogger(__name__)
 
@@ -292,12 +292,15 @@ class MasterWeights(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         masters = state_dict.pop(_KEY, None)
         if masters is not None:
-            unpack_masters(masters, self.mode, self.slots(), self._generators)  # validates before loading
+            check_masters(masters, self.mode, self.slots())
+        with self._as_shells():  # torch checks its own part before it changes anything
+            self.optimizer.load_state_dict(state_dict)
+        if masters is not None:
+            load_masters(masters, self.slots(), self._generators)
         else:
             logger.warning("loading an optimizer state dict without master weights: masters restart from "
                            "the served weights (save the state of master_weights(...), not of the optimizer)")
-        with self._as_shells():
-            self.optimizer.load_state_dict(state_dict)
+            reset_masters(self.slots())
 
 
 _KEY = "ipcbridge_master_weights"

@@ -94,9 +94,8 @@ def _check_slot(i: int, slot: Slot, entry: Any) -> None:
                                "dict has one")
 
 
-def unpack_masters(packed: Any, mode: str, slots: list[Slot],
-                   generators: dict[torch.device, torch.Generator]) -> None:
-    """Validate ``packed`` against ``slots`` and, only if all of it fits, load it into them."""
+def check_masters(packed: Any, mode: str, slots: list[Slot]) -> None:
+    """Refuse ``packed`` unless all of it fits ``slots`` (:func:`load_masters` then cannot fail half-way)."""
     _expect(isinstance(packed, dict) and packed.get("format") == FORMAT,
             f"unknown format {packed.get('format') if isinstance(packed, dict) else packed!r} (expected {FORMAT})")
     if packed.get("mode") != mode:
@@ -111,6 +110,11 @@ def unpack_masters(packed: Any, mode: str, slots: list[Slot],
     for name, rng in gens.items():
         _expect(isinstance(name, str) and torch.is_tensor(rng) and rng.dtype == torch.uint8,
                 "'generators' must map device names to uint8 RNG states")
+
+
+def load_masters(packed: dict[str, Any], slots: list[Slot], generators: dict[torch.device, torch.Generator]) -> None:
+    """Load what :func:`check_masters` accepted into ``slots`` and ``generators``."""
+    entries = packed["slots"]
     for i, slot in enumerate(slots):
         entry = entries.get(i)
         if slot.kind == "remainder":
@@ -120,6 +124,17 @@ def unpack_masters(packed: Any, mode: str, slots: list[Slot],
             slot.exceptions = Exceptions(entry["exception_index"].to(dev), entry["exception_value"].to(dev))
         elif slot.kind == "fp32":
             slot.shell.detach().copy_(entry["master"])
-    for name, rng in gens.items():
+    for name, rng in packed["generators"].items():
         device = torch.device(name)
         generators.setdefault(device, torch.Generator(device=device)).set_state(rng)
+
+
+def reset_masters(slots: list[Slot]) -> None:
+    """Masters equal to the served weights again (a state dict without masters was loaded)."""
+    for slot in slots:
+        if slot.kind == "remainder":
+            assert slot.remainder is not None
+            slot.remainder.zero_()
+            slot.exceptions = Exceptions.none(slot.param.device)
+        elif slot.kind == "fp32":
+            slot.shell.detach().copy_(slot.param.detach())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ipcbridge
-from ipcbridge import EngineError, MappingError
+from ipcbridge import EngineError, MappingError, errors
 from ipcbridge.engine.client import _start_error
 from tests.helpers import tiny_config
 
@@ -189,6 +189,8 @@ def test_bad_prompts_are_value_errors_in_the_caller(engine, prompts, message) ->
         engine.generate(prompts, max_tokens=1)
     assert time.monotonic() - t0 < FAST_SECONDS
     assert isinstance(info.value, EngineError)  # still what `except EngineError` caught before
+    assert type(info.value) is ipcbridge.RequestError
+    assert errors.error_type("RequestError", EngineError) is ipcbridge.RequestError  # and it crosses the wire
     assert engine.stats()["requests"] == requests  # nothing was sent
 
 

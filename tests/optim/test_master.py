@@ -214,3 +214,28 @@ def test_a_state_dict_of_another_mode_or_model_is_refused_and_changes_nothing():
     bad["ipcbridge_master_weights"]["slots"][0]["exception_value"] = torch.tensor([1.0])
     with pytest.raises(PrecisionError, match="exception indices must lie in"):
         opt.load_state_dict(bad)
+
+
+def test_a_state_dict_the_wrapped_optimizer_refuses_leaves_the_masters_as_they_were():
+    model = tiny_llama(torch.bfloat16)
+    opt = master_weights(adamw(model.parameters()))
+    backward(model, 0)
+    opt.step()
+    before = [s.remainder.clone() for s in opt.slots()]
+    bad = opt.state_dict()
+    bad["ipcbridge_master_weights"]["slots"][0]["remainder"] = torch.ones_like(before[0])
+    bad["param_groups"] = bad["param_groups"] * 2  # torch refuses: two groups for one
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        opt.load_state_dict(bad)
+    assert all(torch.equal(a, s.remainder) for a, s in zip(before, opt.slots(), strict=True))
+
+
+def test_a_plain_optimizer_state_dict_restarts_the_masters_from_the_served_weights():
+    model = tiny_llama(torch.bfloat16)
+    opt = master_weights(adamw(model.parameters(), 1e-6))
+    backward(model, 0)
+    opt.step()
+    assert any(s.remainder.ne(0).any() for s in opt.slots())
+    plain = adamw(tiny_llama(torch.bfloat16).parameters(), 1e-6).state_dict()
+    opt.load_state_dict(plain)
+    assert all(s.remainder.eq(0).all() and len(s.exceptions) == 0 for s in opt.slots())
