@@ -16,6 +16,18 @@ Run on the GPU machine (about 3 minutes)::
     source .vllm-bundle/install.sh && PYTHONPATH=. python3 benchmarks/bench_vllm.py --json $OUT/bench.json
 
 Prints a Markdown table last. ``--tiny`` runs the same on a tiny config (a smoke test of the script).
+
+Two more modes, each printing a table and writing JSON:
+
+* ``--kv-table``: the fence against the KV-cache size. One fresh process per (shape, utilisation) row
+  (``--kv-row SHAPE:UTIL``, default the four rows of docs/benchmarks.md); each starts vLLM with the KV cache
+  sized by vLLM and times the fence with ``kv_reset="always"`` (``reset_prefix_cache`` walks every block)
+  and ``kv_reset="salted"`` (no reset; Note [stale KV: reset or salt]), the reset alone, and the RPC.
+* ``--async-fence``: the AsyncLLM fence (tiny config), ``always`` and ``salted``, next to vLLM's public
+  ``pause_generation(mode="wait")`` + ``resume_generation()`` round trip (which ends in a 20 ms sleep).
+
+    PYTHONPATH=. python3 benchmarks/bench_vllm.py --kv-table --json $OUT/kv.json
+    PYTHONPATH=. python3 benchmarks/bench_vllm.py --async-fence --json $OUT/async.json
 """
 
 from __future__ import annotations
@@ -35,6 +47,19 @@ from ipcbridge.vllm.colocate import VllmEngine
 from ipcbridge.vllm.testing import TESTING_EXTENSION_QUALNAME
 
 GIB = 2**30
+
+
+def qwen_05b_config() -> Any:
+    from transformers import Qwen2Config
+
+    # Qwen2.5-0.5B's shapes: 0.49 B parameters, tied embeddings.
+    return Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                       tie_word_embeddings=True)
+
+
+SHAPES = {"0.5b": qwen_05b_config, "8b": lambda: llama_8b_config(False), "tiny": lambda: llama_8b_config(True)}
+KV_ROWS = ("0.5b:0.3", "0.5b:0.85", "8b:0.4", "8b:0.85")
 
 
 def llama_8b_config(tiny: bool = False) -> Any:
@@ -68,6 +93,132 @@ def timed(fn: Any, repeat: int) -> list[float]:
     return out
 
 
+def fence_median(bridge: Any, n: int) -> float:
+    def fence() -> None:
+        with bridge.update():
+            pass
+
+    fence()  # warm-up
+    return statistics.median(timed(fence, n))
+
+
+def kv_row(shape: str, util: float, fences: int) -> dict[str, Any]:
+    """One row of the fence-vs-KV-size table, in this process."""
+    from ipcbridge.vllm.endpoints import LLMEndpoint
+
+    torch.empty(1, device="cuda")
+    with VllmEngine(SHAPES[shape](), gpu_memory_utilization=util, max_model_len=512, num_gpu_blocks=None,
+                    dtype="bfloat16", init="dummy", kv_reset="salted") as engine:
+        import vllm
+
+        llm = engine.llm
+        row: dict[str, Any] = {"shape": shape, "gpu_memory_utilization": util, "vllm": vllm.__version__,
+                               "kv_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks}
+        ep = engine.ipcbridge_endpoint()
+        row["features"] = ep.features.describe()
+        salted = ipcbridge.connect(engine)
+        row["fence_salted_ms"] = 1e3 * fence_median(salted, fences)
+        always = ipcbridge.connect(LLMEndpoint(llm, kv_reset="always"))
+        row["fence_always_ms"] = 1e3 * fence_median(always, fences)
+        row["reset_prefix_cache_ms"] = 1e3 * statistics.median(timed(llm.reset_prefix_cache, 5))
+        row["rpc_roundtrip_ms"] = 1e3 * statistics.median(timed(ep.engine_weight_version, 5))
+        always.close()
+        salted.close()
+    return row
+
+
+def kv_table(rows: list[str], fences: int) -> list[dict[str, Any]]:
+    """Each row in a fresh interpreter (a clean GPU per engine); a failed row is reported, not fatal."""
+    import subprocess
+    import sys
+
+    out = []
+    for spec in rows:
+        cmd = [sys.executable, os.path.abspath(__file__), "--kv-row", spec, "--fences", str(fences)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=580)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("KVROW ")]
+        out.append(json.loads(lines[-1][6:]) if lines else {"row": spec, "error": (r.stderr or r.stdout)[-2000:]})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def kv_markdown(rows: list[dict[str, Any]]) -> str:
+    out = ["| shape | gpu_memory_utilization | KV blocks | fence, kv_reset=always | fence, kv_reset=salted | "
+           "reset_prefix_cache alone | collective_rpc round trip | vLLM |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['row']} | failed: see JSON | | | | | | |")
+            continue
+        out.append(f"| {r['shape']} | {r['gpu_memory_utilization']} | {r['kv_blocks']:,} | {r['fence_always_ms']:.2f} ms "
+                   f"| {r['fence_salted_ms']:.2f} ms | {r['reset_prefix_cache_ms']:.2f} ms | "
+                   f"{r['rpc_roundtrip_ms']:.2f} ms | {r['vllm']} |")
+    return "\n".join(out)
+
+
+def async_fence(fences: int) -> dict[str, Any]:
+    """The AsyncLLM fence (tiny llama, dummy weights), next to vLLM's own pause/resume round trip."""
+    import asyncio
+    import tempfile
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from ipcbridge.hf import write_model_dir
+    from ipcbridge.vllm.endpoints import AsyncLLMEndpoint
+
+    res: dict[str, Any] = {}
+
+    async def main() -> None:
+        model = write_model_dir(llama_8b_config(True), tempfile.mkdtemp(prefix="ipcbridge-bench-"))
+        args = AsyncEngineArgs(model=model, load_format="dummy", enforce_eager=True, skip_tokenizer_init=True,
+                               gpu_memory_utilization=0.3, max_model_len=512, attention_backend="TRITON_ATTN",
+                               worker_extension_cls="ipcbridge.vllm.WorkerExtension")
+        engine = AsyncLLM.from_engine_args(args)
+        try:
+            for mode in ("always", "salted"):
+                ep = AsyncLLMEndpoint(engine, kv_reset=mode)
+                res["features"] = ep.features.describe()
+                bridge = await asyncio.to_thread(ipcbridge.connect, ep)
+                res[f"fence_{mode}_ms"] = 1e3 * await asyncio.to_thread(fence_median, bridge, fences)
+                bridge.close()
+
+            async def public() -> None:
+                await engine.pause_generation(mode="wait", clear_cache=False)
+                await engine.resume_generation()
+
+            ts = []
+            for _ in range(fences):
+                t0 = time.perf_counter()
+                await public()
+                ts.append(time.perf_counter() - t0)
+            res["public_pause_resume_ms"] = 1e3 * statistics.median(ts)
+            res["kv_blocks"] = engine.vllm_config.cache_config.num_gpu_blocks
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+    return res
+
+
+def attach_profile(engine: Any) -> dict[str, Any]:
+    """Where ``connect`` spends its time beyond the manifest RPC: cProfile's top functions, cumulative."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    t0 = time.perf_counter()
+    b = ipcbridge.connect(engine)
+    total = time.perf_counter() - t0
+    prof.disable()
+    b.close()
+    stats = pstats.Stats(prof)
+    top = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)  # type: ignore[attr-defined]
+    rows = [{"function": f"{fn[0].rsplit('/', 2)[-1]}:{fn[1]}({fn[2]})", "cumulative_s": round(v[3], 4),
+             "calls": v[1]} for fn, v in top[:25]]
+    return {"connect_s": total, "top_cumulative": rows}
+
+
 def try_vllm_ipc_engine() -> str:
     try:
         import vllm.distributed.weight_transfer.ipc_engine  # noqa: F401
@@ -83,7 +234,12 @@ def main() -> None:
     ap.add_argument("--fences", type=int, default=20)
     ap.add_argument("--syncs", type=int, default=3)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    ap.add_argument("--kv-table", action="store_true", help="the fence vs the KV-cache size")
+    ap.add_argument("--kv-row", action="append", default=None, help="SHAPE:UTIL, e.g. 0.5b:0.85 (repeatable)")
+    ap.add_argument("--async-fence", action="store_true", help="the AsyncLLM fence")
     args = ap.parse_args()
+    if args.kv_table or args.kv_row or args.async_fence:
+        return other_modes(args)
 
     config = llama_8b_config(args.tiny)
     res: dict[str, Any] = {
@@ -105,6 +261,8 @@ def main() -> None:
 
         res["vllm"] = vllm.__version__
         res["engine_start_s"] = time.perf_counter() - t0
+        res["kv_reset"] = engine.kv_reset  # "salted": the fence does not reset (Note [stale KV: reset or salt])
+        res["kv_blocks"] = engine.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
         endpoint = engine.ipcbridge_endpoint()
         info = endpoint.info()
         res["engine_weight_bytes"] = info["weight_bytes"]
@@ -179,12 +337,34 @@ def main() -> None:
 
         res["vllm_ipc_engine"] = try_vllm_ipc_engine()
         bridge.close()
+        res["attach_profile"] = attach_profile(engine)
 
     print(json.dumps(res, indent=1, default=str), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)
     print(table(res))
+
+
+def other_modes(args: Any) -> None:
+    if args.kv_row and not args.kv_table:  # a child of --kv-table: one row, on stdout
+        shape, util = args.kv_row[0].split(":")
+        print("KVROW " + json.dumps(kv_row(shape, float(util), args.fences)), flush=True)
+        return
+    import torch as _torch
+
+    res: dict[str, Any] = {"date": datetime.date.today().isoformat(), "device": _torch.cuda.get_device_name(0),
+                           "torch": _torch.__version__}
+    if args.kv_table:
+        res["kv_table"] = kv_table(args.kv_row or list(KV_ROWS), args.fences)
+    if args.async_fence:
+        res["async_fence"] = async_fence(args.fences)
+    print(json.dumps(res, indent=1, default=str), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    if args.kv_table:
+        print(kv_markdown(res["kv_table"]))
 
 
 def table(r: dict[str, Any]) -> str:
@@ -197,7 +377,8 @@ def table(r: dict[str, Any]) -> str:
          f"{r['copy_trainer_weight_bytes'] / 1e9:.2f} GB (its own copy)", "-"),
         ("Set-up", f"connect {r['connect_s']:.2f} s (manifest RPC {r['manifest_rpc_s']:.2f} s)", "-", "-"),
         ("Per update, after optimizer.step()",
-         f"fence {1e3 * r['fence_median_s']:.2f} ms median (p90 {1e3 * r['fence_p90_s']:.2f} ms)",
+         f"fence {1e3 * r['fence_median_s']:.2f} ms median (p90 {1e3 * r['fence_p90_s']:.2f} ms; "
+         f"kv_reset={r.get('kv_reset')}, {r.get('kv_blocks')} KV blocks)",
          f"{r['copy_sync_median_s']:.3f} s median of {len(r['copy_sync_all_s'])} (export "
          f"{1e3 * cs['export_s']:.0f} ms, worker open {1e3 * cs['worker_open_s']:.0f} ms, "
          f"load_weights {1e3 * cs['worker_load_s']:.0f} ms)", r["vllm_ipc_engine"]),

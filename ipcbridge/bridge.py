@@ -356,17 +356,21 @@ def _add_hints(report: CheckReport) -> None:
 
 
 def connect(target: Any, *, config: Any = None, check: bool = False,
-            lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS) -> Bridge:
+            lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS,
+            kv_reset: str | None = None) -> Bridge:
     """Attach to ``target``'s weights and return a :class:`Bridge`.
 
     ``target``: a :class:`~ipcbridge.LocalEngine`, a ``vllm.LLM`` or ``AsyncLLM`` started with
     ``worker_extension_cls="ipcbridge.vllm.WorkerExtension"``, the URL of ``vllm serve`` (dev mode), or a
     :class:`Manifest`. ``check=True`` runs :meth:`Bridge.check` and raises if it fails. Each
     ``update()`` holds the engine's pause for at most ``lease_seconds`` (then the engine resumes by
-    itself) and waits at most ``wait`` seconds for another holder's pause to end.
+    itself) and waits at most ``wait`` seconds for another holder's pause to end. ``kv_reset`` (vLLM
+    targets only): ``"always"`` (the default) drops vLLM's prefix cache at every update; ``"salted"`` skips
+    that reset, for engines whose every request carries ``bridge.endpoint.cache_salt()`` (Note [stale KV:
+    reset or salt] in :mod:`ipcbridge.vllm.base`).
     """
     check_settings(lease_seconds, wait)  # before anything is attached
-    endpoint = resolve_endpoint(target)
+    endpoint = resolve_endpoint(target, kv_reset)
     t0 = time.perf_counter()
     try:
         manifest = endpoint.manifest()

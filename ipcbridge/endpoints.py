@@ -188,9 +188,20 @@ def _load(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def resolve_endpoint(target: Any) -> Endpoint:
+def resolve_endpoint(target: Any, kv_reset: str | None = None) -> Endpoint:
     """The endpoint for ``target``: a Manifest, a LocalEngine, a vLLM LLM/AsyncLLM, an http(s) URL, or an
-    object that is an :class:`Endpoint` itself."""
+    object that is an :class:`Endpoint` itself. ``kv_reset`` is for the vLLM endpoints that ``target`` names
+    (Note [stale KV: reset or salt] in :mod:`ipcbridge.vllm.base`); an endpoint built elsewhere keeps its own."""
+    options = {} if kv_reset is None else {"kv_reset": kv_reset}
+    if isinstance(target, str) and target.startswith(("http://", "https://")):
+        return _load(ENDPOINTS["http"])(target, **options)
+    if type(target).__module__.split(".")[0] == "vllm":
+        return _load(ENDPOINTS["vllm"])(target, **options)
+    if options:
+        raise BridgeError(
+            f"kv_reset={kv_reset!r} applies to a vllm.LLM, an AsyncLLM or a `vllm serve` URL, not to a "
+            f"{type(target).__name__}; leave it out (an engine wrapper such as VllmEngine takes kv_reset itself)"
+        )
     if isinstance(target, Manifest):
         return ManifestEndpoint(target)
     hook = getattr(target, "ipcbridge_endpoint", None)
@@ -198,10 +209,6 @@ def resolve_endpoint(target: Any) -> Endpoint:
         return hook()
     if isinstance(target, Endpoint):
         return target
-    if isinstance(target, str) and target.startswith(("http://", "https://")):
-        return _load(ENDPOINTS["http"])(target)
-    if type(target).__module__.split(".")[0] == "vllm":
-        return _load(ENDPOINTS["vllm"])(target)
     raise TypeError(
         f"connect() does not know how to reach a {type(target).__module__}.{type(target).__name__}; pass a "
         "LocalEngine, a vllm.LLM/AsyncLLM started with worker_extension_cls='ipcbridge.vllm.WorkerExtension', "

@@ -45,6 +45,11 @@ Note [the fence, per engine]
                   process, then POST         /reset_prefix_      (worker counter + 1)                                          dead: the server stays paused
                   /pause?mode=wait           cache                                                                             until ``POST /resume``
     ============  =========================  ==================  ==============================  ============================  ==================
+    For vLLM, "invalidate KV" is ``reset_prefix_cache`` with ``kv_reset="always"`` (the default), and
+    nothing with ``kv_reset="salted"`` or without prefix caching (Note [stale KV: reset or salt] in
+    :mod:`ipcbridge.vllm.base`); the pause is the engine core's ``mode="wait"`` pause with
+    ``clear_cache=False`` (Note [the AsyncLLM pause] in :mod:`ipcbridge.vllm.endpoints`), and from vLLM
+    0.27 the publish also sets vLLM's own weight version.
     Step 3 (device sync) is always the trainer's: ``torch.cuda.synchronize`` of every device its
     parameters are on. vLLM has no lease of its own, so a trainer process that dies while it holds
     ``vllm serve``'s pause leaves it paused: resume it with ``curl -X POST http://host:port/resume``.

@@ -10,24 +10,79 @@ vLLM has no lease of its own, so the leases are kept in the trainer's process
 engine share one pause). See Note [the fence, per engine] in :mod:`ipcbridge.fence`.
 
 Note [resume never leaves the engine paused]
-    ``engine_resume`` drops the prefix cache (KV blocks computed with the old weights must not be reused
-    by the next prompt with the same prefix), then asks the worker to publish the next weight version
-    (Note [the engine owns the weight version] in :mod:`ipcbridge.vllm.extension`), then resumes
-    generation in a ``finally``: if the reset or the publish fails (a timeout, a worker without the
-    extension), the error reaches the trainer but the engine does not stay paused.
+    ``engine_resume`` invalidates the KV computed with the old weights (Note [stale KV: reset or salt]),
+    then asks the worker to publish the next weight version (Note [the engine owns the weight version] in
+    :mod:`ipcbridge.vllm.extension`) and hands it to vLLM's own weight version where the release has one,
+    then resumes generation. The publish runs even if the reset failed (the weights did change), and the
+    resume runs in a ``finally``: if the reset or the publish fails (a timeout, a worker without the
+    extension, a reset that reports ``success: false``), the error reaches the trainer but the engine does
+    not stay paused.
+
+Note [stale KV: reset or salt]
+    A prefix-cache hit reuses KV blocks computed with whatever weights were served when they were filled,
+    so after an update they must not be hit again. Two ways, chosen by ``kv_reset``:
+
+    * ``"always"`` (the default): ``reset_prefix_cache`` at every fence. Correct for any request, salted
+      or not, but vLLM walks every KV block in Python: ~35 ms for 637k blocks (a 0.5B model at
+      ``gpu_memory_utilization=0.85``), growing with the KV cache, not the model.
+    * ``"salted"``: no reset. vLLM hashes a prompt's ``cache_salt`` into its first block's hash (so into
+      every later block's, which chain), and ipcbridge salts the requests *it* submits with
+      :meth:`VllmEndpoint.cache_salt`, which changes at every fence: a request can only hit blocks filled
+      under the same weights. Stale blocks are never hit again and age out of vLLM's LRU. The fence then
+      costs one RPC whatever the KV size. Requests submitted elsewhere must carry the same salt (pass
+      ``cache_salt=endpoint.cache_salt()`` in the prompt, or the ``cache_salt`` field of a ``vllm serve``
+      request); an unsalted request could hit stale blocks, so ``"salted"`` is an explicit opt-in.
+
+    An engine without prefix caching (``enable_prefix_caching=False``) reuses no KV across requests: no
+    reset in either mode. The salt is ``ipcbridge-<nonce>-<epoch>``: a random nonce per engine per trainer
+    process, and an epoch that every fence through any endpoint of this process on that engine moves
+    forward (so two bridges on one engine agree on it). Fences by *another* trainer process are not seen,
+    so use ``"salted"`` only where this process is the engine's one writer.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
+import threading
+import weakref
 from typing import Any
 
 from ipcbridge.endpoints import InProcessLeases
 from ipcbridge.errors import BridgeError
 from ipcbridge.manifest import Manifest
+from ipcbridge.vllm.features import VllmFeatures
 from ipcbridge.vllm.rpc import decode_reply
 
 logger = logging.getLogger(__name__)
+
+#: The ways a fence invalidates stale KV (Note [stale KV: reset or salt]).
+KV_RESET_MODES = ("always", "salted")
+
+# The salt epoch of each engine (Note [stale KV: reset or salt]), keyed as the lease gates are: by the engine
+# object (weakly) or by its URL. Value: [nonce, epoch].
+_EPOCHS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+_URL_EPOCHS: dict[str, list[Any]] = {}
+_EPOCHS_LOCK = threading.Lock()
+
+
+def _epoch_record(key: Any) -> list[Any]:
+    with _EPOCHS_LOCK:
+        table: Any = _URL_EPOCHS if isinstance(key, str) else _EPOCHS
+        rec = table.get(key)
+        if rec is None:
+            rec = table[key] = [secrets.token_hex(4), 0]
+        return rec
+
+
+def check_kv_reset(kv_reset: str) -> str:
+    """``kv_reset`` if it is one of :data:`KV_RESET_MODES`; ``BridgeError`` naming them otherwise."""
+    if kv_reset not in KV_RESET_MODES:
+        raise BridgeError(
+            f"kv_reset must be one of {KV_RESET_MODES}, got {kv_reset!r}: 'always' resets vLLM's prefix cache "
+            "at every fence, 'salted' relies on every request carrying cache_salt=endpoint.cache_salt()"
+        )
+    return kv_reset
 
 
 class VllmEndpoint(InProcessLeases):
@@ -45,6 +100,10 @@ class VllmEndpoint(InProcessLeases):
     #: The weight version this endpoint last saw: the manifest's, then each resume's. The worker's counter
     #: is the truth (:meth:`engine_weight_version`); another bridge's fences move it too.
     weight_version: int = 0
+    #: What this engine's vLLM offers (:mod:`ipcbridge.vllm.features`); subclasses probe it.
+    features: VllmFeatures = VllmFeatures()
+    #: How a fence invalidates stale KV (Note [stale KV: reset or salt]).
+    kv_reset: str = "always"
 
     # -- what subclasses provide ---------------------------------------------------------------------
 
@@ -52,8 +111,12 @@ class VllmEndpoint(InProcessLeases):
         """Call ``method`` on every worker; their raw results (a list, one JSON string each)."""
         raise NotImplementedError
 
-    def reset_prefix_cache(self) -> None:
-        """Drop the engine's prefix cache (KV blocks computed with the old weights)."""
+    def reset_prefix_cache(self) -> bool | None:
+        """Drop the engine's prefix cache; whether it succeeded (``None``: the engine does not say)."""
+        raise NotImplementedError
+
+    def set_engine_weight_version(self, version: str) -> None:
+        """vLLM's own ``update_weight_version`` (called only where ``features.engine_weight_version``)."""
         raise NotImplementedError
 
     def resume_generation(self) -> None:
@@ -93,9 +156,45 @@ class VllmEndpoint(InProcessLeases):
         return self._version("ipcbridge_weight_version")
 
     def publish_weight_version(self) -> int:
-        """Move the worker's weight version forward by one; the new version."""
+        """Move the worker's weight version forward by one, and tell vLLM where it keeps one; the new version.
+
+        vLLM's own version (0.27+) is a string it attaches to outputs (``weight_versions``, 0.32+); it gets the
+        worker's number, so both name the same weights.
+        """
         self.weight_version = self._version("ipcbridge_publish_weight_version")
+        if self.features.engine_weight_version:
+            self.set_engine_weight_version(str(self.weight_version))
         return self.weight_version
+
+    # -- stale KV (Note [stale KV: reset or salt]) -------------------------------------------------------
+
+    def needs_reset(self) -> bool:
+        """Whether a fence must reset the prefix cache."""
+        return self.features.prefix_caching and self.kv_reset == "always"
+
+    def cache_salt(self) -> str:
+        """The ``cache_salt`` for a request submitted now: it changes at every fence on this engine."""
+        nonce, epoch = _epoch_record(self.gate_key)
+        return f"ipcbridge-{nonce}-{epoch}"
+
+    def _next_salt_epoch(self) -> None:
+        rec = _epoch_record(self.gate_key)
+        with _EPOCHS_LOCK:
+            rec[1] += 1
+
+    def drop_stale_kv(self) -> None:
+        """Move the salt on, and reset the prefix cache if :meth:`needs_reset`; ``BridgeError`` if vLLM
+        reports that the reset failed (stale blocks would stay hit-able)."""
+        self._next_salt_epoch()
+        if not self.needs_reset():
+            return
+        ok = self.reset_prefix_cache()
+        if ok is False:
+            raise BridgeError(
+                f"{self.where}: reset_prefix_cache reported failure (KV blocks still held, e.g. by requests "
+                "running during the fence), so KV computed with the old weights could be reused. Make sure "
+                "nothing generates during bridge.update(), or salt every request (kv_reset='salted')"
+            )
 
     def info(self) -> dict[str, Any]:
         """The worker's process and memory facts (``WorkerExtension.ipcbridge_info``)."""
@@ -110,8 +209,10 @@ class VllmEndpoint(InProcessLeases):
         """Reset the prefix cache, publish the next version, resume; the new version. Note [resume never
         leaves the engine paused]."""
         try:
-            self.reset_prefix_cache()
-            version = self.publish_weight_version()
+            try:
+                self.drop_stale_kv()
+            finally:  # the weights did change: move the version even if the reset failed
+                version = self.publish_weight_version()
         finally:
             self.resume_generation()
         logger.debug("%s: resumed at weight version %d", self.name, version)

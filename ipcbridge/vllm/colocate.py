@@ -24,6 +24,7 @@ from typing import Any
 from ipcbridge.engine.types import GenerateOutput
 from ipcbridge.errors import BridgeError, MappingError
 from ipcbridge.hf import config_value, head_dim, write_model_dir
+from ipcbridge.vllm.base import check_kv_reset
 from ipcbridge.vllm.extension import EXTENSION_QUALNAME, extension_class, is_ipcbridge_extension
 from ipcbridge.vllm.testing import TESTING_EXTENSION_QUALNAME, TestingWorkerExtension
 
@@ -49,17 +50,20 @@ class VllmEngine:
     included, so every logit is ~0) with an HF-style init from ``seed`` (norms 1, biases 0, the rest
     N(0, ``initializer_range``)), like the embedded engine's random weights; ``"dummy"`` keeps vLLM's.
 
-    ``num_gpu_blocks`` caps vLLM's KV cache (blocks of 16 tokens; 4096 = 65k tokens). A small model would
-    otherwise get millions of blocks out of ``gpu_memory_utilization``, and vLLM's ``reset_prefix_cache``,
-    part of every fence, walks them all in Python (measured on an H100: ~0.1 s for a tiny model at
-    ``gpu_memory_utilization=0.3``, 0.9 ms for an 8B one). ``None`` lets vLLM size the cache itself.
+    ``num_gpu_blocks`` caps vLLM's KV cache (blocks of 16 tokens; 4096 = 65k tokens); ``None`` lets vLLM
+    size it from ``gpu_memory_utilization``. ``kv_reset`` (Note [stale KV: reset or salt] in
+    :mod:`ipcbridge.vllm.base`): ``"salted"``, the default here, skips vLLM's ``reset_prefix_cache``
+    (which walks every KV block in Python, ~35 ms for 637k blocks) because :meth:`generate` salts every
+    request with the weight version; requests sent to ``engine.llm`` directly must then carry
+    ``cache_salt=engine.ipcbridge_endpoint().cache_salt()``, or pass ``kv_reset="always"``.
     """
 
     def __init__(self, config_or_path: Any, *, gpu_memory_utilization: float = 0.3, seed: int = 0,
                  max_model_len: int = 512, num_gpu_blocks: int | None = 4096, init: str = "hf",
-                 **llm_kwargs: Any) -> None:
+                 kv_reset: str = "salted", **llm_kwargs: Any) -> None:
         if init not in ("hf", "dummy"):
             raise ValueError(f"init must be 'hf' or 'dummy', got {init!r}")
+        self.kv_reset = check_kv_reset(kv_reset)
         self.config_or_path = config_or_path
         self.init = init
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -149,7 +153,7 @@ class VllmEngine:
         if self._endpoint is None:
             from ipcbridge.vllm.endpoints import LLMEndpoint
 
-            self._endpoint = LLMEndpoint(self.llm)
+            self._endpoint = LLMEndpoint(self.llm, kv_reset=self.kv_reset)
         return self._endpoint
 
     def generate(self, prompts: list[list[int]], max_tokens: int = 16, temperature: float = 0.0,
@@ -159,9 +163,8 @@ class VllmEngine:
         ``seed`` makes the call reproducible; without it vLLM's own generator (seeded once by ``seed=`` at
         start) is used. See :meth:`LLMEndpoint.generate` for the per-prompt seeds.
         """
-        ep = self.ipcbridge_endpoint()
-        results = ep.generate(prompts, max_tokens, temperature, seed)
-        return [GenerateOutput(token_ids=t, logprobs=lp, weight_version=ep.weight_version) for t, lp in results]
+        results = self.ipcbridge_endpoint().generate_versioned(prompts, max_tokens, temperature, seed)
+        return [GenerateOutput(token_ids=t, logprobs=lp, weight_version=v) for t, lp, v in results]
 
     def close(self) -> None:
         """Release this process's IPC mappings, then shut the engine down. Safe to call twice."""

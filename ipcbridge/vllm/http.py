@@ -9,11 +9,16 @@ Note [the HTTP fence]
     The lease is kept in the trainer's process, one gate per normalised server URL (:func:`normalise_url`),
     so two bridges of one trainer on one server never interleave their fences. ``POST /pause?mode=wait``
     returns once every in-flight request has finished on the old weights; requests that arrive meanwhile are
-    queued, not run. Then the step runs and the trainer synchronises its device, ``POST /reset_prefix_cache``
-    drops KV blocks computed with the old weights, ``POST /collective_rpc ipcbridge_publish_weight_version``
-    moves the worker's version forward, and ``POST /resume`` lets the queued requests run on the new
-    weights (in a ``finally``: a failed reset or publish still resumes). Each response therefore comes from
-    exactly one weight version. vLLM itself has no lease: if the trainer process *dies* mid-fence, the
+    queued (up to vLLM 0.32) or rejected with a retryable HTTP 503 (0.33+; Note [the AsyncLLM pause] in
+    :mod:`ipcbridge.vllm.endpoints`), never run. ``clear_cache=false``: the fence drops stale KV itself,
+    once. Then the step runs and the trainer synchronises its device, ``POST /reset_prefix_cache`` drops
+    KV blocks computed with the old weights (0.26+ answers ``{"success": bool}``, and ``false`` is an
+    error; with ``kv_reset="salted"`` there is no reset, Note [stale KV: reset or salt] in
+    :mod:`ipcbridge.vllm.base`), ``POST /collective_rpc ipcbridge_publish_weight_version`` moves the
+    worker's version forward, ``POST /update_weight_version`` hands it to vLLM where the server has that
+    route (0.27+, found by ``GET /weight_info`` at connect), and ``POST /resume`` lets queued requests run
+    on the new weights (in a ``finally``: a failed reset or publish still resumes). Each response
+    therefore comes from exactly one weight version. vLLM itself has no lease: if the trainer process *dies* mid-fence, the
     server stays paused until someone calls ``POST /resume`` (``curl -X POST http://host:port/resume``); a
     trainer that *hangs* mid-fence is resumed by the lease watchdog (a thread of the trainer's process) when
     its lease runs out. Leases of different trainer processes on one server do not see each other.
@@ -43,8 +48,10 @@ from typing import Any
 
 from ipcbridge import wire
 from ipcbridge.errors import BridgeError
-from ipcbridge.vllm.base import VllmEndpoint
+from ipcbridge.manifest import Manifest
+from ipcbridge.vllm.base import VllmEndpoint, check_kv_reset
 from ipcbridge.vllm.extension import EXTENSION_QUALNAME
+from ipcbridge.vllm.features import VllmFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +95,10 @@ class HttpEndpoint(VllmEndpoint):
     name = "vllm-http"
 
     def __init__(self, url: str, timeout: float = 60.0, pause_timeout: float = 600.0, *,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, kv_reset: str = "always") -> None:
+        self.kv_reset = check_kv_reset(kv_reset)
+        self.features = VllmFeatures()  # until probe_features() (at the first manifest) finds more
+        self._probed = False
         self.url = normalise_url(url)
         self.gate_key = self.url
         self.where = f"vllm serve at {self.url}"
@@ -128,13 +138,38 @@ class HttpEndpoint(VllmEndpoint):
                                       error=BridgeError, hint="; is this URL a vllm serve server?")
         return resp["results"]
 
+    def status(self, method: str, path: str) -> int:
+        """The HTTP status of one bodiless request (a probe: a 404 is an answer here, not an error)."""
+        status, _, _ = _exchange(method, self.url + path, None, self.timeout, self.max_body_bytes, self.url)
+        return status
+
+    def probe_features(self) -> VllmFeatures:
+        """What the server offers, from the routes that answer (Note [probe features, not versions])."""
+        if not self._probed:
+            has_version = self.status("GET", "/weight_info") == 200
+            self.features = VllmFeatures(engine_weight_version=has_version)
+            self._probed = True
+            logger.debug("%s: %s", self.where, self.features.describe())
+        return self.features
+
+    def manifest(self) -> Manifest:
+        self.probe_features()
+        return super().manifest()
+
     # -- the fence's engine half (Note [the HTTP fence]) -----------------------------------------------
 
     def engine_pause(self) -> None:
-        self.request("POST", "/pause", query={"mode": "wait"}, timeout=self.pause_timeout)
+        self.request("POST", "/pause", query={"mode": "wait", "clear_cache": "false"}, timeout=self.pause_timeout)
 
-    def reset_prefix_cache(self) -> None:
-        self.request("POST", "/reset_prefix_cache")
+    def reset_prefix_cache(self) -> bool | None:
+        """``True``/``False`` as the server reports it (0.26+), ``None`` when it answers with an empty body."""
+        resp = self.request("POST", "/reset_prefix_cache")
+        if isinstance(resp, dict) and "success" in resp:
+            return resp["success"] is True
+        return None
+
+    def set_engine_weight_version(self, version: str) -> None:
+        self.request("POST", "/update_weight_version", {"new_version": version})
 
     def resume_generation(self) -> None:
         self.request("POST", "/resume")
@@ -159,7 +194,7 @@ class HttpEndpoint(VllmEndpoint):
         body = {
             "model": self.model_id(), "prompt": list(prompt), "max_tokens": max_tokens,
             "temperature": temperature, "ignore_eos": True, "logprobs": 0,
-            "return_token_ids": True, "return_tokens_as_token_ids": True,
+            "return_token_ids": True, "return_tokens_as_token_ids": True, "cache_salt": self.cache_salt(),
         }
         resp = self.request("POST", "/v1/completions", body, timeout=timeout)
         try:

@@ -153,11 +153,13 @@ def test_llm_resume_after_failed_reset(worker: F.FakeWorker) -> None:
     llm.fail_reset = True
     with pytest.raises(RuntimeError, match="reset_prefix_cache failed"), fence.hold():
         pass
-    # The lease ended with the failed resume: the next fence is granted and publishes.
+    # The failed reset still published (the weights may have changed), and the lease ended with the failed
+    # resume: the next fence is granted and publishes again.
+    assert ep.engine_weight_version() == 1
     llm.fail_reset = False
     with fence.hold():
         pass
-    assert fence.version == ep.engine_weight_version() == 1
+    assert fence.version == ep.engine_weight_version() == 2
 
 
 # ---- AsyncLLM -------------------------------------------------------------------------------------------
@@ -173,7 +175,8 @@ def test_async_endpoint_fence_from_a_thread(worker: F.FakeWorker) -> None:
         engine.calls.clear()
         with bridge.update():
             pass
-        assert engine.calls == ["pause:wait", "reset_prefix_cache", "ipcbridge_publish_weight_version", "resume"]
+        assert engine.calls == ["core.pause_scheduler_async:wait:clear_cache=False", "reset_prefix_cache",
+                                "ipcbridge_publish_weight_version", "resume"]
         assert ep.engine_weight_version() == bridge.weight_version == 1
 
         async def on_loop() -> None:
@@ -205,7 +208,7 @@ def test_async_resume_generation_even_if_bookkeeping_fails(worker: F.FakeWorker,
         engine.calls.clear()
         with pytest.raises((RuntimeError, BridgeError)), fence.hold():
             pass
-        assert engine.calls[0] == "pause:wait" and engine.calls[-1] == "resume"  # never left paused
+        assert engine.calls[0].startswith("core.pause_scheduler_async:wait") and engine.calls[-1] == "resume"  # never left paused
         assert fence.version == 0
 
 

@@ -30,7 +30,7 @@ def test_http_connect_and_fence_order(worker: F.FakeWorker) -> None:
         srv.calls.clear()
         with bridge.update():
             pass
-        assert srv.calls == ["/pause?mode=wait", "/reset_prefix_cache", "/collective_rpc", "/resume"]
+        assert srv.calls == ["/pause?mode=wait&clear_cache=false", "/reset_prefix_cache", "/collective_rpc", "/resume"]
         assert bridge.weight_version == bridge.endpoint.engine_weight_version() == 1
         bridge.close()
 
@@ -111,7 +111,7 @@ def test_http_resume_even_if_bookkeeping_fails(worker: F.FakeWorker, mode: str) 
         srv.mode = mode
         with pytest.raises(BridgeError):
             ep.resume(held)
-        assert srv.calls[0] == "/pause?mode=wait" and srv.calls[-1] == "/resume"
+        assert srv.calls[0] == "/pause?mode=wait&clear_cache=false" and srv.calls[-1] == "/resume"
         srv.mode = "ok"
         ep.pause(lease(), 1)  # the lease ended with the failed resume
 

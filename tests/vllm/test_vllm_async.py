@@ -1,9 +1,10 @@
-"""Real vLLM 0.25.1 ``AsyncLLM`` in-process: connect from a worker thread, update while requests are in flight.
+"""Real vLLM (0.25.1 / 0.26.0) ``AsyncLLM`` in-process: connect from a worker thread, update while requests are
+in flight.
 
-The fence is ``pause_generation(mode="wait")``: requests running at the pause finish on the old weights, those
+The fence is the engine core's ``mode="wait"`` pause (Note [the AsyncLLM pause]): requests running at the pause finish on the old weights, those
 arriving during the update are held and run on the new ones. Every completion must equal the HF model's
 greedy continuation under exactly one of the two weight versions, and requests sent from inside the fence
-must see the new one.
+must see the new one. (From vLLM 0.33 requests sent during the fence are rejected instead; not run here.)
 """
 
 from __future__ import annotations

@@ -114,6 +114,43 @@ def test_one_step_changes_greedy_as_hf_predicts(arch: str, engine, bridge) -> No
     assert after == predicted
 
 
+#: Prompts of 40 tokens: two full KV blocks each, so a repeat is a prefix-cache hit (the short PROMPTS fill no
+#: block, and could not show stale KV).
+LONG = [list(range(10 + 41 * i, 50 + 41 * i)) for i in range(3)]
+
+
+@pytest.mark.parametrize("kv_reset", ["salted", "always"])
+def test_no_stale_kv_after_a_step(arch: str, engine, bridge, kv_reset: str) -> None:
+    """Note [stale KV: reset or salt]: after a step, prompts whose blocks are cached must not reuse them.
+    "salted": ipcbridge's own requests carry the weight version's salt, and the fence does not reset.
+    "always": a second bridge whose fence resets, and the user's own unsalted requests."""
+    from ipcbridge.vllm.endpoints import LLMEndpoint, greedy_params
+
+    n = 8
+    ep = engine.ipcbridge_endpoint() if kv_reset == "salted" else LLMEndpoint(engine.llm, kv_reset="always")
+    b = bridge if kv_reset == "salted" else ipcbridge.connect(ep)
+
+    def gen() -> list[list[int]]:
+        if kv_reset == "salted":
+            return [t for t, _ in ep.generate(LONG, n)]
+        outs = engine.llm.generate([{"prompt_token_ids": p} for p in LONG], greedy_params(n), use_tqdm=False)
+        return [[int(t) for t in o.outputs[0].token_ids] for o in outs]
+
+    try:
+        gen()
+        before = gen()  # served from the prefix cache
+        H.decisive_step(b, LONG, 555 if kv_reset == "salted" else 333)
+        after = gen()
+        predicted = [H.hf_greedy(b.model, p, n) for p in LONG]
+        H.record("stale_kv", arch=arch, kv_reset=kv_reset, before=before, after_vllm=after, after_hf=predicted,
+                 fence_ms=[round(1e3 * s, 3) for s in b.fence_seconds])
+        assert after != before
+        assert after == predicted
+    finally:
+        if b is not bridge:
+            b.close()
+
+
 def _load_example():
     path = os.path.join(ROOT, "examples", "vllm_colocated_rl.py")
     spec = importlib.util.spec_from_file_location("vllm_colocated_rl", path)
