@@ -128,7 +128,9 @@ def attach_with_attachment(source: Manifest | Mapping[str, torch.Tensor],
                            config: Any = None) -> tuple[nn.Module, Attachment]:
     """:func:`attach`, also returning the :class:`Attachment` that says which memory the model aliases."""
     opened: OpenedManifest | None = None
+    plan = None
     if isinstance(source, Manifest):
+        plan = source.loader_plan
         config = config if config is not None else source.config
         if config is None:
             raise MappingError("the manifest carries no HF config; pass config=... to attach()")
@@ -146,7 +148,7 @@ def attach_with_attachment(source: Manifest | Mapping[str, torch.Tensor],
         raise TypeError(f"attach() takes a Manifest or a vLLM-layout state dict, got {type(source).__name__}")
     try:
         hf_config = to_hf_config(config)
-        views = _views(tensors, hf_config, layout)
+        views = _views(tensors, hf_config, layout, plan)
         dtypes = {v.dtype for v in views.values()}
         if len(dtypes) != 1:
             logger.info("engine tensors have mixed dtypes %s; building the model in the first", dtypes)
@@ -166,9 +168,31 @@ def attach_with_attachment(source: Manifest | Mapping[str, torch.Tensor],
     return model, attachment
 
 
-def _views(tensors: Mapping[str, torch.Tensor], config: Any, layout: str) -> dict[str, torch.Tensor]:
+def _views(tensors: Mapping[str, torch.Tensor], config: Any, layout: str,
+           loader_plan: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     if layout == "vllm":
-        return mapping.hf_views(tensors, config)
+        return vllm_views(tensors, config, loader_plan)
     if layout == "hf":
         return dict(tensors)
     return mapping.convert(tensors, config, src=layout, dst="hf", alias_only=True)
+
+
+def vllm_views(tensors: Mapping[str, torch.Tensor], config: Any,
+               loader_plan: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """HF views of vLLM-layout tensors: by the architecture's table where there is one (the fast, audited
+    path), else by the plan the worker derived from vLLM's loader. With both, they must agree: a table
+    that disagrees with the engine's own loader is wrong for that engine, and binding it would train
+    the wrong elements."""
+    from ipcbridge.mapping.derived import LoaderPlan, differences, table_plan
+
+    plan = None if loader_plan is None else LoaderPlan.from_dict(loader_plan)
+    if plan is None or not mapping.has_table(config):
+        return mapping.hf_views(tensors, config) if plan is None else plan.views(tensors)
+    diff = differences(plan, table_plan({n: tuple(t.shape) for n, t in tensors.items()}, config))
+    if diff:
+        raise MappingError(
+            f"the {plan.model_type!r} table disagrees with the plan derived from the engine's loader "
+            f"({plan.source}) on {len(diff)} tensor(s): {diff[:3]}. The table is stale for this vLLM; "
+            "unregister it or report it"
+        )
+    return mapping.hf_views(tensors, config)

@@ -178,6 +178,9 @@ class Manifest:
     weight_version: int = 0
     config: Mapping[str, Any] | None = field(default=None, hash=False)
     format_version: int = FORMAT_VERSION
+    #: The alias plan the worker derived from vLLM's loader (``LoaderPlan.to_dict()``), for architectures
+    #: without a table and for cross-checking tables; validated on creation, absent from older workers.
+    loader_plan: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         check_type(self.export_id, str, "manifest.export_id")
@@ -189,6 +192,10 @@ class Manifest:
             check_type(self.config, Mapping, "manifest.config")
         check_version(self.format_version, FORMAT_VERSION, "manifest")
         check_type(self.producer, Producer, "manifest.producer")
+        if self.loader_plan is not None:
+            from ipcbridge.mapping.derived import LoaderPlan  # torch-only; mapping never imports the manifest
+
+            LoaderPlan.from_dict(self.loader_plan)
         if not self.tensors:
             raise ManifestError(
                 "manifest.tensors: empty; a manifest describes at least one tensor (ipcbridge.export refuses an "
@@ -255,6 +262,8 @@ class Manifest:
             "config": None if self.config is None else dict(self.config),
             "storages": [s.to_dict() for s in self.storages],
             "tensors": [t.to_dict() for t in self.tensors],
+            # Written only when present, so a manifest without a plan reads in older ipcbridge versions too.
+            **({} if self.loader_plan is None else {"loader_plan": dict(self.loader_plan)}),
         }
 
     def to_json(self) -> str:
@@ -267,7 +276,7 @@ class Manifest:
         top = {"format", "format_version", "export_id", "layout", "weight_version", "producer", "config",
                "storages", "tensors"}
         version = check_format(d, FORMAT, FORMAT_VERSION, "manifest")["format_version"]
-        check_keys(d, top, set(), "manifest")
+        check_keys(d, top, {"loader_plan"}, "manifest")
         p = check_keys(d["producer"], {"pid", "boot_id", "hostname"}, {"start_time"}, "manifest.producer")
         check_type(d["storages"], list, "manifest.storages")
         check_type(d["tensors"], list, "manifest.tensors")
@@ -287,6 +296,7 @@ class Manifest:
             weight_version=d["weight_version"],
             config=d["config"],
             format_version=version,
+            loader_plan=d.get("loader_plan"),
         )
 
     @classmethod

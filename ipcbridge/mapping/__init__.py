@@ -20,6 +20,7 @@ from ipcbridge.mapping.registry import (
     LAYOUTS,
     META_ARCHITECTURES,
     get_arch,
+    has_table,
     register,
     supported_model_types,
 )
@@ -28,7 +29,7 @@ from ipcbridge.mapping.spec import GATE_UP, QKV, ArchSpec, Rotary, Rows, Rule, S
 
 __all__ = [
     "ARCHITECTURES", "GATE_UP", "LAYOUTS", "META_ARCHITECTURES", "QKV", "ArchSpec", "Rotary", "Rows", "Rule",
-    "Same", "Step", "Transposed", "Vocab", "convert", "get_arch", "hf_parameter_shapes", "hf_views",
+    "Same", "Step", "Transposed", "Vocab", "convert", "get_arch", "has_table", "hf_parameter_shapes", "hf_views",
     "permute_rotary", "plan", "plan_from_hf", "plan_from_vllm", "register", "supported_model_types",
     "to_vllm", "unpermute_rotary",
 ]

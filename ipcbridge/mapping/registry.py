@@ -49,8 +49,26 @@ def register(spec: ArchSpec, layout: str = "vllm") -> None:
     tables[:] = [*kept, spec]
 
 
-def supported_model_types(layout: str = "vllm") -> list[str]:
-    return sorted(mt for a in _tables(layout) for mt in a.model_types)
+#: Model types without a table that attach through a plan derived from vLLM's loader
+#: (:mod:`ipcbridge.mapping.derived`), proven on real vLLM 0.25.1 by tests/vllm/test_vllm_derived.py. Any
+#: other architecture whose loader is a pure view chain attaches the same way; these are the ones tested.
+DERIVED_MODEL_TYPES = ("olmo2", "granite", "stablelm", "cohere")
+
+
+def supported_model_types(layout: str = "vllm", paths: bool = False) -> Any:
+    """The model types ipcbridge maps for ``layout``. With ``paths=True``, a dict saying which path serves
+    each: ``"table"`` (a table, the fast audited path) or ``"derived"`` (no table: the vLLM worker derives
+    the plan from its loader; the tested ones are listed, any pure-view loader works)."""
+    tables = {mt: "table" for a in _tables(layout) for mt in a.model_types}
+    derived = {mt: "derived" for mt in DERIVED_MODEL_TYPES if mt not in tables} if layout == "vllm" else {}
+    served = dict(sorted({**derived, **tables}.items()))
+    return served if paths else sorted(tables)
+
+
+def has_table(config: Any, layout: str = "vllm") -> bool:
+    """Whether a table serves ``config``'s model type for ``layout`` (no config checks)."""
+    mt = model_type(config)
+    return any(mt in a.model_types for a in _tables(layout))
 
 
 def specs_for(model_type: str) -> dict[str, ArchSpec]:

@@ -89,6 +89,8 @@ class Rotary(Rule):
 
 QKV = ("q", "k", "v")
 GATE_UP = ("gate", "up")
+#: Qwen2-MoE's shared expert fuses its own gate/up, sized by shared_expert_intermediate_size.
+SHARED_GATE_UP = ("shared_gate", "shared_up")
 #: HF's usual tie: the output projection is the input embedding.
 TIED_LM_HEAD: Mapping[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -110,6 +112,13 @@ def attention_mlp_sizes(config: Any) -> dict[str, int]:
     """Row sizes of fused ``qkv_proj`` and ``gate_up_proj`` for GQA decoders."""
     inter = positive(config, "intermediate_size")
     return {**qkv_sizes(config), "gate": inter, "up": inter}
+
+
+def moe_sizes(config: Any) -> dict[str, int]:
+    """Row sizes for MoE decoders: attention, dense-MLP layers (``mlp_only_layers``), and Qwen2-MoE's shared
+    expert when the config has one. Routed experts need none: each is a whole-tensor alias."""
+    shared = int(config_value(config, "shared_expert_intermediate_size", 0) or 0)
+    return {**attention_mlp_sizes(config), "shared_gate": shared, "shared_up": shared}
 
 
 def no_rows(config: Any) -> dict[str, int]:

@@ -51,6 +51,12 @@ class EngineFacts:
     model_type: str | None = None
     #: Devices the weights live on (``"cuda"``, ``"cpu"`` with ``cpu_offload_gb``); empty if unknown.
     weight_devices: tuple[str, ...] = field(default_factory=tuple)
+    #: The unquantized MoE backends of the model's expert layers (``UnquantizedMoeBackend`` names); empty
+    #: for dense models or when unknown (driver side).
+    moe_backends: tuple[str, ...] = field(default_factory=tuple)
+    #: Whether the worker can derive an alias plan from vLLM's loader for a model type without a table
+    #: (:mod:`ipcbridge.vllm.loader_plan`); such a model is refused only if it cannot.
+    derives_plans: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -66,8 +72,12 @@ class EngineFacts:
                 raise ValueError(f"EngineFacts.{name} must be a str or None, got {v!r}")
         if not isinstance(self.alloc_conf, str):
             raise ValueError(f"EngineFacts.alloc_conf must be a str, got {self.alloc_conf!r}")
-        if not isinstance(self.weight_devices, tuple) or not all(isinstance(d, str) for d in self.weight_devices):
-            raise ValueError(f"EngineFacts.weight_devices must be a tuple of str, got {self.weight_devices!r}")
+        for name in ("weight_devices", "moe_backends"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple) or not all(isinstance(d, str) for d in v):
+                raise ValueError(f"EngineFacts.{name} must be a tuple of str, got {v!r}")
+        if not isinstance(self.derives_plans, bool):
+            raise ValueError(f"EngineFacts.derives_plans must be a bool, got {self.derives_plans!r}")
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any, environ: Mapping[str, str] | None = None,
@@ -77,8 +87,10 @@ class EngineFacts:
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
         hf = getattr(mc, "hf_config", None)
         devices: tuple[str, ...] = ()
+        backends: tuple[str, ...] = ()
         if model is not None:
             devices = tuple(sorted({p.device.type for p in model.parameters()}))
+            backends = moe_backends(model)
         return cls(
             quantization=getattr(mc, "quantization", None) or None,
             tensor_parallel_size=int(getattr(pc, "tensor_parallel_size", 1)),
@@ -88,7 +100,24 @@ class EngineFacts:
             alloc_conf=",".join(environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")),
             model_type=getattr(hf, "model_type", None),
             weight_devices=devices,
+            moe_backends=backends,
         )
+
+
+#: MoE backends that keep vLLM's expert tensors as loaded (Note [MoE experts are whole-tensor aliases] in
+#: :mod:`ipcbridge.mapping.tables.vllm`): Triton runs on w13/w2 as ``[gate | up]`` rows, unpadded on CUDA.
+ALIASABLE_MOE_BACKENDS = ("TRITON", "BATCHED_TRITON")
+
+
+def moe_backends(model: nn.Module) -> tuple[str, ...]:
+    """The unquantized MoE backend of each expert layer of a vLLM model (``quant_method.unquantized_backend``,
+    set in vLLM's ``UnquantizedFusedMoEMethod.__init__``), deduplicated."""
+    found = set()
+    for module in model.modules():
+        backend = getattr(getattr(module, "quant_method", None), "unquantized_backend", None)
+        if backend is not None:
+            found.add(str(getattr(backend, "name", backend)))
+    return tuple(sorted(found))
 
 
 def _expandable_segments_on(alloc_conf: str) -> bool:
@@ -143,15 +172,24 @@ def _model_reasons(facts: EngineFacts) -> list[str]:
             "step packed/quantized tensors in place. Serve an unquantized bf16/fp16/fp32 checkpoint (no "
             f"--quantization), or keep the quantized engine and use {COPY_SYNC}"
         )
-    if facts.model_type is not None:
+    if facts.model_type is not None and not facts.derives_plans:
         try:
             mapping.get_arch({"model_type": facts.model_type})
         except MappingError:
             reasons.append(
                 f"ipcbridge has no vLLM<->HF mapping for model_type {facts.model_type!r} (it maps "
-                f"{', '.join(mapping.supported_model_types())}). Use one of those models, register a table "
-                f"with ipcbridge.mapping.register(...), or use {COPY_SYNC}"
+                f"{', '.join(mapping.supported_model_types())}) and this worker cannot derive one from vLLM's "
+                "loader. Use one of those models, register a table with ipcbridge.mapping.register(...), start "
+                f"vLLM with worker_extension_cls='ipcbridge.vllm.WorkerExtension', or use {COPY_SYNC}"
             )
+    bad = [b for b in facts.moe_backends if b not in ALIASABLE_MOE_BACKENDS]
+    if bad:
+        reasons.append(
+            f"the engine runs its experts on the {'/'.join(bad)} MoE backend, whose process_weights_after_loading "
+            "re-lays w13/w2 out (FlashInfer swaps gate/up to [up | gate] or shuffles blocks; AITER shuffles; ROCm "
+            "pads), so the HF experts are no view of them. Start vLLM with moe_backend='triton' (--moe-backend "
+            f"triton), or use {COPY_SYNC}"
+        )
     return reasons
 
 

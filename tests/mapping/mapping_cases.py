@@ -88,6 +88,29 @@ def _opt(**kw: Any) -> Any:
     return tf.OPTConfig(**base)
 
 
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+def _qwen3_moe(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.Qwen3MoeConfig(num_key_value_heads=2, head_dim=8, num_experts=4, **MOE, **COMMON, **kw)
+
+
+def _qwen2_moe(**kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, shared_expert_intermediate_size=24, **MOE,
+                             **COMMON, **kw)
+
+
+def _mixtral(**kw: Any) -> Any:
+    import transformers as tf
+
+    base = dict(COMMON, intermediate_size=16)  # Mixtral's experts are intermediate_size wide
+    return tf.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **base, **kw)
+
+
 CASES = [
     Case("llama-untied", lambda: _llama(tie_word_embeddings=False)),
     Case("llama-tied", lambda: _llama(tie_word_embeddings=True)),
@@ -105,7 +128,13 @@ CASES = [
     Case("opt-untied", lambda: _opt(tie_word_embeddings=False)),
     # project_in/out (word_embed_proj_dim != hidden_size) and post-LN (no decoder final_layer_norm)
     Case("opt-proj-postln", lambda: _opt(word_embed_proj_dim=16, do_layer_norm_before=False)),
+    Case("qwen3_moe-untied", lambda: _qwen3_moe(tie_word_embeddings=False)),
+    # layer 1 keeps a dense MLP (mlp_only_layers): both kinds of layer in one model
+    Case("qwen3_moe-dense-layer", lambda: _qwen3_moe(tie_word_embeddings=True, mlp_only_layers=[1])),
+    Case("qwen2_moe-shared", lambda: _qwen2_moe(tie_word_embeddings=False)),
+    Case("mixtral-untied", lambda: _mixtral(tie_word_embeddings=False)),
 ]
+MOE_CASE_IDS = [c.id for c in CASES if "moe" in c.id or "mixtral" in c.id]
 CASE_IDS = [c.id for c in CASES]
 
 

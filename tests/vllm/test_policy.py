@@ -52,7 +52,8 @@ def test_no_refusal_for_a_plain_engine() -> None:
         (EngineFacts(pipeline_parallel_size=2), "pipeline_parallel_size=2", "copy-based weight sync"),
         (EngineFacts(quantization="fp8"), "quantization='fp8'", "unquantized"),
         (EngineFacts(quantization="awq"), "awq", "copy-based weight sync"),
-        (EngineFacts(model_type="mamba"), "'mamba'", "llama"),
+        (EngineFacts(model_type="mamba", derives_plans=False), "'mamba'", "llama"),
+            (EngineFacts(moe_backends=("FLASHINFER_CUTLASS", "TRITON")), "FLASHINFER_CUTLASS", "moe_backend='triton'"),
         (EngineFacts(weight_devices=("cpu", "cuda")), "not on the GPU", "cpu_offload_gb=0"),
     ],
 )
@@ -72,3 +73,30 @@ def test_all_refusals_are_reported_together() -> None:
     reasons = refusal_reasons(EngineFacts(enable_sleep_mode=True, tensor_parallel_size=4, quantization="gptq"))
     assert len(reasons) == 3
     assert sum(COPY_SYNC in r for r in reasons) == 2  # sharding and quantization point at the copy-based way
+
+
+def test_a_table_less_architecture_is_left_to_the_derived_plan() -> None:
+    """The worker derives its plan from vLLM's loader and names the tensor if it cannot: no blanket refusal."""
+    assert refusal_reason(EngineFacts(model_type="olmo2")) is None
+    assert refusal_reason(EngineFacts(model_type="qwen3_moe", moe_backends=("TRITON",))) is None
+
+
+def test_moe_backends_are_read_off_the_expert_layers() -> None:
+    import enum
+
+    from torch import nn
+
+    from ipcbridge.vllm.policy import moe_backends
+
+    class Backend(enum.Enum):
+        TRITON = "TRITON"
+
+    class Method:
+        unquantized_backend = Backend.TRITON
+
+    experts = nn.Linear(2, 2)
+    experts.quant_method = Method()
+    assert moe_backends(nn.Sequential(experts, nn.Linear(2, 2))) == ("TRITON",)
+    assert moe_backends(nn.Linear(2, 2)) == ()
+    with pytest.raises(ValueError, match="moe_backends"):
+        EngineFacts(moe_backends=["TRITON"])  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from ipcbridge.mapping.spec import (
     GATE_UP,
     QKV,
+    SHARED_GATE_UP,
     TIED_LM_HEAD,
     ArchSpec,
     Rows,
@@ -20,6 +21,7 @@ from ipcbridge.mapping.spec import (
     Same,
     Transposed,
     Vocab,
+    moe_sizes,
     no_rows,
     qkv_sizes,
 )
@@ -201,5 +203,78 @@ OPT = ArchSpec(
     tie_default=True,
 )
 
+
+
+# ---- mixture of experts ---------------------------------------------------------------------------------
+# Note [MoE experts are whole-tensor aliases]
+#     transformers 5.x keeps each layer's routed experts fused: ``mlp.experts.gate_up_proj [E, 2I, H]`` with
+#     rows ``[gate | up]`` (``linear(x, gate_up_proj[e]).chunk(2, dim=-1)`` in modeling_{qwen2_moe,qwen3_moe,
+#     mixtral}.py, 5.17 and 5.24 alike) and ``mlp.experts.down_proj [E, H, I]``, no ``.weight`` suffix.
+#     vLLM 0.25.1's unquantized FusedMoE keeps ``experts.routed_experts.w13_weight [E, 2I, H]`` (``[w1=gate |
+#     w3=up]``: routed_experts.py ``_load_w13`` narrows rows 0:I for w1, I:2I for w3) and ``w2_weight
+#     [E, H, I]``: the same shapes and order, so each expert tensor is the vLLM tensor (``Same``), no row
+#     mapping. The router ``mlp.gate.weight [E, H]`` is a ReplicatedLinear. This holds only while vLLM keeps
+#     those tensors as loaded: ``process_weights_after_loading`` (unquantized_fused_moe_method.py) hands them
+#     to the MoE backend's ``convert_to_unquantized_kernel_format``, which for TRITON (what vLLM picks on
+#     Hopper, and the only backend in the slim bundle) is ``.contiguous()`` of contiguous tensors, i.e. the
+#     same memory; FLASHINFER_CUTLASS swaps the halves to ``[w3 | w1]`` and FLASHINFER_TRTLLM / AITER shuffle
+#     into block layouts (copies in another order), and ROCm's VLLM_ROCM_MOE_PADDING pads rows. The worker
+#     refuses those backends (:mod:`ipcbridge.vllm.policy`): start vLLM with ``moe_backend="triton"``.
+
+MOE_EXPERTS = {
+    "model.layers.{}.mlp.gate.weight": Same(),
+    "model.layers.{}.mlp.experts.gate_up_proj": Same("model.layers.{}.mlp.experts.routed_experts.w13_weight"),
+    "model.layers.{}.mlp.experts.down_proj": Same("model.layers.{}.mlp.experts.routed_experts.w2_weight"),
+}
+SHARED_EXPERT = {  # Qwen2-MoE: one dense expert beside the routed ones, scaled by sigmoid(shared_expert_gate x)
+    **{
+        f"model.layers.{{}}.mlp.shared_expert.{p}_proj.weight": Rows(
+            "model.layers.{}.mlp.shared_expert.gate_up_proj.weight", part=f"shared_{p}", parts=SHARED_GATE_UP
+        )
+        for p in GATE_UP
+    },
+    "model.layers.{}.mlp.shared_expert.down_proj.weight": Same(),
+    "model.layers.{}.mlp.shared_expert_gate.weight": Same(),
+}
+
+# Qwen3-MoE: Qwen3's attention (q_norm/k_norm, no biases) and MOE_EXPERTS; layers in config.mlp_only_layers
+# keep a dense MLP, which llama_like maps (vLLM's mapper fuses .mlp.gate_proj/.up_proj into gate_up_proj).
+# Source qwen3_moe.py; names observed on vLLM 0.25.1 and 0.26.0 (../shared/vllm-device/README.md).
+QWEN3_MOE = ArchSpec(
+    name="qwen3_moe",
+    model_types=("qwen3_moe",),
+    params=llama_like(**QK_NORM, **MOE_EXPERTS),
+    sizes=moe_sizes,
+    tied=TIED_LM_HEAD,
+)
+
+# Qwen2-MoE: Qwen2's attention (q/k/v biases), MOE_EXPERTS and SHARED_EXPERT (source qwen2_moe.py:
+# shared_expert is a Qwen2MoeMLP with a merged gate_up_proj of 2 * shared_expert_intermediate_size rows,
+# shared_expert_gate a ReplicatedLinear [1, H]).
+QWEN2_MOE = ArchSpec(
+    name="qwen2_moe",
+    model_types=("qwen2_moe",),
+    params=llama_like(**MOE_EXPERTS, **SHARED_EXPERT),
+    sizes=moe_sizes,
+    tied=TIED_LM_HEAD,
+)
+
+# Mixtral: Mistral's attention and the experts of MOE_EXPERTS, which vLLM keeps under block_sparse_moe.
+# (mixtral.py: MixtralDecoderLayer.block_sparse_moe = MixtralMoE(gate=ReplicatedLinear, experts=FusedMoE));
+# transformers 5.x calls the block mlp, like Qwen.
+MIXTRAL = ArchSpec(
+    name="mixtral",
+    model_types=("mixtral",),
+    params=llama_like(**{
+        hf: Same((rule.target or hf).replace(".mlp.", ".block_sparse_moe."))
+        for hf, rule in MOE_EXPERTS.items()
+    }),
+    sizes=moe_sizes,
+    tied=TIED_LM_HEAD,
+)
+
+#: The MoE tables (Note [MoE experts are whole-tensor aliases]).
+MOE_TABLES: tuple[ArchSpec, ...] = (QWEN3_MOE, QWEN2_MOE, MIXTRAL)
+
 #: The vLLM tables, in the order the registry starts with.
-TABLES: tuple[ArchSpec, ...] = (LLAMA, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, OPT)
+TABLES: tuple[ArchSpec, ...] = (LLAMA, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, OPT, *MOE_TABLES)
