@@ -7,7 +7,11 @@ One module per concern, in dependency order:
 - :mod:`~ipcbridge.stream.protocol`: :func:`send`/:func:`receive`, the double-buffered protocol over any group.
 - :mod:`~ipcbridge.stream.group`: :class:`TorchGroup`, a private two-rank gloo or NCCL process group.
 - :mod:`~ipcbridge.stream.receiver`: the engine's side (``StreamReceiver``).
-- :mod:`~ipcbridge.stream.bridge`: the trainer's side, :func:`stream` and :class:`StreamBridge`.
+- :mod:`~ipcbridge.stream.bridge`: the trainer's side, :class:`StreamBridge` (into ipcbridge's receivers).
+- :mod:`~ipcbridge.stream.nccl`: a bare NCCL communicator as a group, and vLLM's rendezvous.
+- :mod:`~ipcbridge.stream.controls` and :mod:`~ipcbridge.stream.stock`: the trainer's side of vLLM's own
+  NCCL receiver (:class:`StockStreamBridge`), wire compatible with stock vLLM.
+- :mod:`~ipcbridge.stream.api`: :func:`stream`, which picks the receiver.
 
 Once :mod:`ipcbridge` is imported, its attribute ``stream`` is the function :func:`stream`, which shadows this
 package. Import the submodules with ``from``: ``from ipcbridge.stream.plan import StreamPlan`` or
@@ -15,12 +19,23 @@ package. Import the submodules with ``from``: ``from ipcbridge.stream.plan impor
 ipcbridge.stream.plan as p``, ``monkeypatch.setattr("ipcbridge.stream.group.x", ...)``) reaches the function.
 """
 
-from ipcbridge.stream.bridge import StreamBridge, stream
+from ipcbridge.stream.api import stream
+from ipcbridge.stream.bridge import StreamBridge
 from ipcbridge.stream.group import TorchGroup
-from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, Bucket, Slot, StreamPlan, pack, plan_buckets, unpack
+from ipcbridge.stream.plan import (
+    DEFAULT_BUCKET_BYTES,
+    Bucket,
+    Slot,
+    StreamPlan,
+    pack,
+    plan_buckets,
+    plan_vllm_chunks,
+    unpack,
+)
 from ipcbridge.stream.protocol import receive, send
+from ipcbridge.stream.stock import StockStreamBridge
 
 __all__ = [
-    "DEFAULT_BUCKET_BYTES", "Bucket", "Slot", "StreamBridge", "StreamPlan", "TorchGroup", "pack", "plan_buckets",
-    "receive", "send", "stream", "unpack",
+    "DEFAULT_BUCKET_BYTES", "Bucket", "Slot", "StockStreamBridge", "StreamBridge", "StreamPlan", "TorchGroup", "pack",
+    "plan_buckets", "plan_vllm_chunks", "receive", "send", "stream", "unpack",
 ]

@@ -147,14 +147,14 @@ def _layout(plan: StreamPlan, config: Any) -> _Layout:
 
 
 class StreamBridge:
-    """A trainer-owned HF model streaming its weights into an engine. Make one with :func:`stream`.
+    """A trainer-owned HF model streaming its weights into an engine. Make one with :func:`ipcbridge.stream`.
 
     ``with sb.update(): opt.step()`` fences a step and copies the new weights into the engine (Note [the
     streaming fence]); :meth:`push` copies the current weights without a step. ``bytes_sent`` and
     ``push_seconds`` count the transfers; :meth:`stats` sums them up.
     """
 
-    def __init__(self, endpoint: Endpoint, model: nn.Module, manifest: Manifest, *, plan: StreamPlan,
+    def __init__(self, endpoint: Endpoint, model: nn.Module, weight_version: int, *, plan: StreamPlan,
                  backend: str, timeout: float, host: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
                  wait: float = DEFAULT_WAIT_SECONDS) -> None:
         self.endpoint = endpoint
@@ -169,16 +169,28 @@ class StreamBridge:
         self.push_seconds: list[float] = []
         self.connect_seconds = 0.0
         self._config = model.config
-        self._layout = _layout(plan, model.config)
+        self._layout = self._make_layout(plan, model)
         self._tied_names = frozenset(a for a, _ in self._layout.tied)
         self._device = _model_device(model)
         self._buffer_device = self._device if backend == "nccl" else torch.device("cpu")
-        self._group: TorchGroup | None = None
+        self._group: Any = None  # a TorchGroup, or a CommGroup into vLLM's receiver: a Group with close(abort)
         self._params: dict[str, torch.Tensor] = {}  # the model's tensors, during a push only
+        #: The two send buffers, allocated at the first push and kept until close: pushes allocate nothing.
+        self._buffers: list[torch.Tensor] | None = None
         self._closed = False
         self._fence = Fence(endpoint, holder=f"stream {self.stream_id} ({endpoint.name})",
-                            version=manifest.weight_version, sync=lambda: synchronize(self.model),
+                            version=weight_version, sync=lambda: synchronize(self.model),
                             lease_seconds=lease_seconds, wait=wait)
+
+    def _make_layout(self, plan: StreamPlan, model: nn.Module) -> _Layout:
+        """The HF parameters the plan takes (a subclass whose plan is in HF names overrides this)."""
+        return _layout(plan, model.config)
+
+    def _send_buffers(self) -> list[torch.Tensor]:
+        if self._buffers is None:
+            self._buffers = [torch.empty(self.plan.buffer_bytes, dtype=torch.uint8, device=self._buffer_device)
+                             for _ in range(2)]
+        return self._buffers
 
     @property
     def weight_version(self) -> int:
@@ -287,7 +299,7 @@ class StreamBridge:
                "log), then open a new stream with ipcbridge.stream(engine, model) and push()")
         self._params = params
         try:
-            nbytes = send(group, self._pack, self.plan, device=self._buffer_device)
+            nbytes = send(group, self._pack, self.plan, device=self._buffer_device, buffers=self._send_buffers())
         except BaseException as e:
             self._close_group(abort=True)  # the engine's pending receives fail now, not at the timeout
             call.join(_GRACE_SECONDS)
@@ -338,6 +350,7 @@ class StreamBridge:
         }
 
     def _close_group(self, abort: bool = False) -> None:
+        self._buffers = None
         group, self._group = self._group, None
         if group is not None:
             group.close(abort=abort)
@@ -362,7 +375,23 @@ class StreamBridge:
         self.close()
 
 
-def stream(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+def _engine_layout(endpoint: Any) -> tuple[list[tuple[str, Any, Any]], int]:
+    """(name, dtype, shape) of every engine tensor in the 'vllm' layout, and the engine's weight version.
+
+    ``stream_layout()`` where the endpoint has it (it exports no memory, so it works where a manifest is
+    refused, e.g. vLLM in sleep mode); else the manifest.
+    """
+    layout = getattr(endpoint, "stream_layout", None)
+    if callable(layout):
+        return layout()
+    manifest: Manifest = endpoint.manifest()
+    if manifest.layout != "vllm":
+        raise BridgeError(f"the engine exports the {manifest.layout!r} layout; stream() fills 'vllm'-layout "
+                          "engines. Export the engine's weights in the 'vllm' layout")
+    return [(t.name, t.dtype, t.shape) for t in manifest.tensors], manifest.weight_version
+
+
+def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
            backend: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
            lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS) -> StreamBridge:
     """Stream a trainer-owned HF ``model`` into ``target``'s weights, where they cannot be shared.
@@ -382,18 +411,15 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_
         if not isinstance(endpoint, CanReceiveStream):
             raise BridgeError(
                 f"endpoint {endpoint.name!r} cannot receive streamed weights (it has no stream_init, "
-                "stream_receive, stream_close); stream() works with ipcbridge.LocalEngine. Where the memory can "
+                "stream_receive, stream_close); stream() works with ipcbridge.LocalEngine and vLLM engines. Where the memory can "
                 "be shared, use ipcbridge.connect()"
             )
         device = _model_device(model)
         backend = check_backend(backend or ("nccl" if device.type == "cuda" else "gloo"), device)
         t0 = time.perf_counter()
-        manifest = endpoint.manifest()
-        if manifest.layout != "vllm":
-            raise BridgeError(f"the engine exports the {manifest.layout!r} layout; stream() fills 'vllm'-layout "
-                              "engines. Export the engine's weights in the 'vllm' layout")
-        plan = plan_buckets([(t.name, t.dtype, t.shape) for t in manifest.tensors], bucket_bytes)
-        sb = StreamBridge(endpoint, model, manifest, plan=plan, backend=backend, timeout=timeout, host=host,
+        specs, version = _engine_layout(endpoint)
+        plan = plan_buckets(specs, bucket_bytes)
+        sb = StreamBridge(endpoint, model, version, plan=plan, backend=backend, timeout=timeout, host=host,
                           lease_seconds=lease_seconds, wait=wait)
         sb._check_model()  # a mismatch surfaces here, before the engine joins anything
         sb._connect()

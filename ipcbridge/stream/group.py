@@ -19,8 +19,11 @@ Note [not the default process group]
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -117,6 +120,34 @@ def _shutdown(pg: Any) -> None:
     shutdown()
 
 
+_NCCL_FAILURE_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
+
+@contextlib.contextmanager
+def _nccl_failure_mode() -> Iterator[None]:
+    """Make the NCCL group built inside fail its own work on a timeout, without taking the process down.
+
+    Note [an NCCL timeout must not kill the engine]
+        By default (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``) ``ProcessGroupNCCL``'s watchdog tears the whole
+        process down when a collective times out: a stuck or dead trainer would kill the engine it streams
+        into (a vLLM worker). And without blocking wait, ``work.wait()`` only orders streams, so a receive
+        whose communicator the watchdog aborted would look complete. Both are read from the environment in
+        the constructor, per group, and torch has no option field for them: so they are set only around
+        this group's construction (2 = abort the communicator and fail the work; blocking wait = ``wait()``
+        raises at the timeout) and restored at once, leaving every other group of the process as it was.
+    """
+    saved = {k: os.environ.get(k) for k in _NCCL_FAILURE_ENV}
+    os.environ.update(_NCCL_FAILURE_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 # ---- the group ---------------------------------------------------------------------------------------
 
 
@@ -131,7 +162,8 @@ def _new_process_group(store: Any, rank: int, world_size: int, backend: str, tim
                   else dist.ProcessGroupGloo.create_default_device())
         return dist.ProcessGroupGloo(prefixed, rank, world_size, _gloo_options(timeout, device))
     if backend == "nccl":
-        return dist.ProcessGroupNCCL(prefixed, rank, world_size, _timedelta(timeout))
+        with _nccl_failure_mode():
+            return dist.ProcessGroupNCCL(prefixed, rank, world_size, _timedelta(timeout))
     raise BridgeError(f"unknown stream backend {backend!r}; use one of {BACKENDS}")
 
 

@@ -14,6 +14,17 @@ Note [bucket policy]
     without cutting ``[q|k|v]`` rows at a bucket edge. The price is memory: both buffers are as large as the
     largest bucket, which is the largest tensor (usually the embedding) when that exceeds ``bucket_bytes``.
 
+Note [vLLM's packing]
+    vLLM's own NCCL receiver (``packed_nccl_broadcast_consumer`` in
+    ``vllm/distributed/weight_transfer/packed_tensor.py``, 0.25.1 to 0.33) cuts its buffers differently, and
+    a stock engine must be fed exactly its way: tensors are appended, as bytes with no padding, until the
+    running total goes *past* the buffer size; the chunk is cut after that tensor (so a chunk may exceed
+    the buffer size by up to one tensor), and the last chunk holds what is left. :func:`plan_vllm_chunks`
+    builds such a plan (``packing="vllm"``, alignment 1), and a plan says which rule it follows so the
+    validation can check the right one. vLLM views each tensor out of its chunk with ``view(dtype)``, which
+    torch refuses at an offset that is not a multiple of the dtype's size; such a plan is refused here,
+    before anything is sent, rather than failing in the engine.
+
 Note [alignment]
     Every tensor starts at a multiple of :data:`ALIGNMENT` (256) bytes of the buffer. ``view(dtype)`` of a
     ``uint8`` slice needs the offset to be a multiple of the dtype's size (8 at most here); 256 also gives
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +59,8 @@ FORMAT_VERSION = 1
 #: Byte alignment of every tensor in a bucket. See Note [alignment].
 ALIGNMENT = 256
 DEFAULT_BUCKET_BYTES = 256 << 20
+#: The two packing rules: ours (Note [bucket policy], Note [alignment]) and vLLM's (Note [vLLM's packing]).
+PACKINGS = ("aligned", "vllm")
 
 _WHERE = "stream plan"
 
@@ -116,17 +129,46 @@ class StreamPlan:
     bucket_bytes: int
     alignment: int = ALIGNMENT
     format_version: int = FORMAT_VERSION
+    #: ``"aligned"`` (ours) or ``"vllm"`` (vLLM's stock receiver): Note [vLLM's packing].
+    packing: str = "aligned"
 
     def __post_init__(self) -> None:
         check_int(self.bucket_bytes, f"{_WHERE}.bucket_bytes", minimum=1)
-        check_int(self.alignment, f"{_WHERE}.alignment", minimum=8)
-        if self.alignment & (self.alignment - 1):
-            raise ManifestError(f"{_WHERE}.alignment: must be a power of two, got {self.alignment}")
+        if self.packing not in PACKINGS:
+            raise ManifestError(f"{_WHERE}.packing: must be one of {PACKINGS}, got {self.packing!r}")
+        vllm = self.packing == "vllm"
+        check_int(self.alignment, f"{_WHERE}.alignment", minimum=1 if vllm else 8)
+        if self.alignment & (self.alignment - 1) or (vllm and self.alignment != 1):
+            raise ManifestError(f"{_WHERE}.alignment: must be a power of two >= 8 (1 for packing 'vllm'), got "
+                                f"{self.alignment}")
         check_version(self.format_version, FORMAT_VERSION, _WHERE)
         check_type(self.buckets, tuple, f"{_WHERE}.buckets")
         seen: set[str] = set()
         for i, b in enumerate(self.buckets):
             self._check_bucket(b, f"{_WHERE}.buckets[{i}]", seen)
+            if vllm:
+                self._check_vllm_cut(b, f"{_WHERE}.buckets[{i}]", last=i == len(self.buckets) - 1)
+
+    def _check_vllm_cut(self, b: Bucket, where: str, last: bool) -> None:
+        """Note [vLLM's packing]: contiguous, cut right after the tensor that passes ``bucket_bytes``."""
+        end = 0
+        for j, s in enumerate(b.slots):
+            if s.offset != end:
+                raise ManifestError(f"{where}: tensor {s.name!r} at byte {s.offset}, but vLLM packs tensors with no "
+                                    f"gap (expected byte {end}); build plans with plan_vllm_chunks()")
+            if s.offset % s.torch_dtype.itemsize:
+                raise ManifestError(
+                    f"{where}: tensor {s.name!r} ({s.dtype}) would start at byte {s.offset}, not a multiple of its "
+                    "element size, where vLLM's receiver cannot view it; order the tensors so each starts aligned "
+                    "(e.g. by dtype), or use ipcbridge's receiver"
+                )
+            if j < len(b.slots) - 1 and s.end > self.bucket_bytes:
+                raise ManifestError(f"{where}: vLLM cuts the chunk after {s.name!r} (it passes bucket_bytes "
+                                    f"{self.bucket_bytes}), but the plan continues it")
+            end = s.end
+        if not last and end <= self.bucket_bytes:
+            raise ManifestError(f"{where}: ends at byte {end}, within bucket_bytes {self.bucket_bytes}, so vLLM "
+                                "would not cut it there; only the last chunk may be that small")
 
     def _check_bucket(self, b: Any, where: str, seen: set[str]) -> None:
         check_type(b, Bucket, where)
@@ -150,7 +192,7 @@ class StreamPlan:
                     f"ends at byte {prev_end}; slots must be in ascending, non-overlapping order"
                 )
             prev_end = s.end
-        if len(b.slots) > 1 and b.nbytes > self.bucket_bytes:
+        if self.packing == "aligned" and len(b.slots) > 1 and b.nbytes > self.bucket_bytes:
             raise ManifestError(
                 f"{where}: {len(b.slots)} tensors fill {b.nbytes} bytes, more than bucket_bytes "
                 f"{self.bucket_bytes}; only a bucket of one tensor may be larger"
@@ -174,7 +216,8 @@ class StreamPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "format_version": self.format_version, "bucket_bytes": self.bucket_bytes,
-            "alignment": self.alignment, "buckets": [[s.to_dict() for s in b.slots] for b in self.buckets],
+            "alignment": self.alignment, "packing": self.packing,
+            "buckets": [[s.to_dict() for s in b.slots] for b in self.buckets],
         }
 
     def to_json(self) -> str:
@@ -183,7 +226,7 @@ class StreamPlan:
     @classmethod
     def from_dict(cls, d: Any) -> StreamPlan:
         check_format(d, FORMAT, FORMAT_VERSION, _WHERE)
-        check_keys(d, {"format", "format_version", "bucket_bytes", "alignment", "buckets"}, set(), _WHERE)
+        check_keys(d, {"format", "format_version", "bucket_bytes", "alignment", "buckets"}, {"packing"}, _WHERE)
         check_type(d["buckets"], list, f"{_WHERE}.buckets")
         buckets = []
         for i, b in enumerate(d["buckets"]):
@@ -191,7 +234,7 @@ class StreamPlan:
             check_type(b, list, where)
             buckets.append(Bucket(tuple(Slot.from_dict(s, f"{where}[{j}]") for j, s in enumerate(b))))
         return cls(buckets=tuple(buckets), bucket_bytes=d["bucket_bytes"], alignment=d["alignment"],
-                   format_version=d["format_version"])
+                   format_version=d["format_version"], packing=d.get("packing", "aligned"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> StreamPlan:
@@ -212,15 +255,10 @@ def plan_buckets(named_specs: NamedSpecs, bucket_bytes: int = DEFAULT_BUCKET_BYT
     ``named_specs``: ``(name, dtype, shape)`` triples, or a mapping of names to tensors (meta tensors do).
     """
     check_int(bucket_bytes, "bucket_bytes", minimum=1)
-    items = (((n, t.dtype, t.shape) for n, t in named_specs.items()) if isinstance(named_specs, Mapping)
-             else named_specs)
     buckets: list[tuple[Slot, ...]] = []
     current: list[Slot] = []
     end = 0
-    for name, dtype, shape in items:
-        dt = dtype if isinstance(dtype, str) else dtype_name(dtype)
-        shape = tuple(int(s) for s in shape)
-        nbytes = math.prod(shape) * DTYPES[dt].itemsize if dt in DTYPES else 0
+    for name, dt, shape, nbytes in _specs(named_specs):
         offset = -(-end // alignment) * alignment
         if current and offset + nbytes > bucket_bytes:
             buckets.append(tuple(current))
@@ -230,6 +268,35 @@ def plan_buckets(named_specs: NamedSpecs, bucket_bytes: int = DEFAULT_BUCKET_BYT
     if current:
         buckets.append(tuple(current))
     return StreamPlan(tuple(Bucket(b) for b in buckets), bucket_bytes, alignment)
+
+
+def _specs(named_specs: NamedSpecs) -> Iterator[tuple[str, str, tuple[int, ...], int]]:
+    items = (((n, t.dtype, t.shape) for n, t in named_specs.items()) if isinstance(named_specs, Mapping)
+             else named_specs)
+    for name, dtype, shape in items:
+        dt = dtype if isinstance(dtype, str) else dtype_name(dtype)
+        shape = tuple(int(s) for s in shape)
+        yield name, dt, shape, (math.prod(shape) * DTYPES[dt].itemsize if dt in DTYPES else 0)
+
+
+def plan_vllm_chunks(named_specs: NamedSpecs, buffer_size_bytes: int) -> StreamPlan:
+    """The chunks vLLM's stock NCCL receiver expects for these tensors, in this order. Note [vLLM's packing].
+
+    ``buffer_size_bytes`` is vLLM's ``packed_buffer_size_bytes``; both sides must use the same value.
+    """
+    check_int(buffer_size_bytes, "buffer_size_bytes", minimum=1)
+    buckets: list[Bucket] = []
+    current: list[Slot] = []
+    total = 0
+    for name, dt, shape, nbytes in _specs(named_specs):
+        current.append(Slot(name, dt, shape, total, nbytes))
+        total += nbytes
+        if total > buffer_size_bytes:  # packed_tensor.py: `if total_bytes > buffer_size_bytes: break`
+            buckets.append(Bucket(tuple(current)))
+            current, total = [], 0
+    if current:
+        buckets.append(Bucket(tuple(current)))
+    return StreamPlan(tuple(buckets), buffer_size_bytes, alignment=1, packing="vllm")
 
 
 def _check_buffer(buffer: torch.Tensor, bucket: Bucket) -> None:

@@ -25,7 +25,7 @@ Note [failure and teardown]
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -65,24 +65,31 @@ def _drain(works: Iterable[Work | None]) -> None:
                 logger.debug("a pending broadcast failed while unwinding", exc_info=True)
 
 
-def _buffers(plan: StreamPlan, device: torch.device | str) -> list[torch.Tensor]:
-    return [torch.empty(plan.buffer_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+def _buffers(plan: StreamPlan, device: torch.device | str,
+             given: Sequence[torch.Tensor] | None = None) -> Sequence[torch.Tensor]:
+    if given is None:
+        return [torch.empty(plan.buffer_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+    if len(given) != 2 or any(b.dtype != torch.uint8 or b.dim() != 1 or b.numel() < plan.buffer_bytes
+                              for b in given):
+        raise ValueError(f"pass two 1-d uint8 buffers of at least plan.buffer_bytes ({plan.buffer_bytes}) bytes")
+    return given
 
 
 def send(group: Group, source: Mapping[str, torch.Tensor] | Packer, plan: StreamPlan, *,
-         device: torch.device | str = "cpu") -> int:
+         device: torch.device | str = "cpu", buffers: Sequence[torch.Tensor] | None = None) -> int:
     """Broadcast ``plan``'s buckets from ``group.rank``; return the bytes sent. See Note [double buffering].
 
     ``source`` is either the tensors by name (packed with :func:`~ipcbridge.stream.plan.pack`) or a callable
     ``(bucket, out) -> None`` that fills ``out[:bucket.nbytes]`` itself (how a trainer packs straight from
     HF tensors). The two flat buffers on ``device`` belong to this call: a packer must not keep ``out`` or
-    views of it, and they are freed on return. Returns once every broadcast this rank posted has completed
+    views of it, and they are freed on return. ``buffers``: two buffers the caller allocated once and keeps
+    for every push (memory stays flat, nothing is allocated per push); they are free again on return. Returns once every broadcast this rank posted has completed
     (on CUDA: once the current stream is ordered after them).
     """
     packer: Packer = source if callable(source) else (lambda b, out: pack(source, b, out))
     if not plan.buckets:
         return 0
-    buffers = _buffers(plan, device)
+    buffers = _buffers(plan, device, buffers)
     pending: list[Work | None] = [None, None]
     try:
         for i, bucket in enumerate(plan.buckets):
@@ -105,18 +112,18 @@ def send(group: Group, source: Mapping[str, torch.Tensor] | Packer, plan: Stream
 
 
 def receive(group: Group, plan: StreamPlan, load: Callable[[dict[str, torch.Tensor]], None], *, src: int = 0,
-            device: torch.device | str = "cpu") -> int:
+            device: torch.device | str = "cpu", buffers: Sequence[torch.Tensor] | None = None) -> int:
     """Receive ``plan``'s buckets broadcast by rank ``src``; return the bytes received.
 
     ``load(views)`` is called once per bucket, in order, with :func:`~ipcbridge.stream.plan.unpack` views of
     the bucket; it must copy them where they belong before returning: the buffer under them takes the
     next-but-one bucket, and the two buffers (on ``device``, owned by this call) are freed on return. See
-    Note [double buffering].
+    Note [double buffering]. ``buffers``: as for :func:`send`, two buffers the caller keeps across pushes.
     """
     n = len(plan.buckets)
     if n == 0:
         return 0
-    buffers = _buffers(plan, device)
+    buffers = _buffers(plan, device, buffers)
 
     def post(i: int) -> Work:
         return group.broadcast(buffers[i % 2][: plan.buckets[i].nbytes], src)

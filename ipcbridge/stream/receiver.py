@@ -52,6 +52,9 @@ class StreamReceiver:
         self.backend = ""
         self.stream_id = ""  # chosen by the trainer: requests of a replaced stream must not use the new one
         self.plan: StreamPlan | None = None  # checked against the weights at init, used by every receive
+        #: The two receive buffers of the current stream: allocated at its first push, kept until it closes, so
+        #: pushes allocate nothing and memory stays flat.
+        self._buffers: list[torch.Tensor] | None = None
         self._lock = threading.Lock()  # one stream operation at a time
 
     def _check_plan(self, plan: StreamPlan) -> None:
@@ -113,8 +116,11 @@ class StreamReceiver:
                 if not paused:
                     raise RuntimeError("weights can be streamed in only while the engine is paused; pause first")
                 device = self.device if self.backend == "nccl" else torch.device("cpu")
+                if self._buffers is None:
+                    self._buffers = [torch.empty(self.plan.buffer_bytes, dtype=torch.uint8, device=device)
+                                     for _ in range(2)]
                 with lock:
-                    nbytes = receive(group, self.plan, self._load, device=device)
+                    nbytes = receive(group, self.plan, self._load, device=device, buffers=self._buffers)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
             except Exception as e:
@@ -129,6 +135,7 @@ class StreamReceiver:
             return {"bytes": nbytes, "seconds": time.perf_counter() - t0}
 
     def _close(self, abort: bool = False) -> None:
+        self._buffers = None
         group, self.group = self.group, None
         if group is not None:
             group.close(abort=abort)

@@ -16,6 +16,16 @@ Note [the engine owns the weight version]
     bridge reports what the worker returned. Since only the worker counts, two bridges on one engine (or a
     lease that ran out and was resumed by the watchdog) never publish the same version twice, and a
     trainer that reconnects continues from the engine's version instead of restarting at 0.
+
+Note [every attribute prefixed]
+    vLLM adds the extension to its worker class's bases after checking that no non-dunder attribute of the
+    extension already exists on the worker (an ``AssertionError`` at engine start otherwise), and each
+    release adds worker attributes. So every attribute here, and in the mixins the lead adds to the bases,
+    is ``ipcbridge_``/``_ipcbridge_``-prefixed; ``tests/vllm/test_extension.py`` scans the class for it.
+    The only exceptions are the two hooks vLLM 0.33+ looks up by name (:data:`VLLM_HOOKS`): it calls
+    ``init_worker_extension(worker)`` after the device is set up and before the model loads, and
+    ``destroy_worker_extension(worker)`` before the worker shuts down. Older releases never call them,
+    which is why nothing relies on them: the state they reset has class-level defaults.
 """
 
 from __future__ import annotations
@@ -29,15 +39,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipcbridge import mapping
 from ipcbridge.errors import BridgeError
 from ipcbridge.hf import config_dict
 from ipcbridge.manifest import Manifest
+from ipcbridge.vllm.loader_plan import LoaderPlanMixin
 from ipcbridge.vllm.policy import EngineFacts, refusal_reason
+from ipcbridge.vllm.receiver import StreamReceiverMixin
 from ipcbridge.vllm.rpc import EXTENSION_QUALNAME, worker_method
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXTENSION_QUALNAME", "WorkerExtension", "build_manifest", "extension_class", "model_parameters",
+#: Names vLLM itself looks up on the extension (0.33+): the only attributes without the ``ipcbridge`` prefix.
+VLLM_HOOKS = ("init_worker_extension", "destroy_worker_extension")
+
+__all__ = ["EXTENSION_QUALNAME", "VLLM_HOOKS", "WorkerExtension", "build_manifest", "extension_class", "model_parameters",
            "unwrap_model"]
 
 
@@ -123,7 +139,7 @@ def is_ipcbridge_extension(value: Any) -> bool:
 # ---- the extension ------------------------------------------------------------------------------------
 
 
-class WorkerExtension:
+class WorkerExtension(LoaderPlanMixin, StreamReceiverMixin):
     """Mixed into vLLM's GPU worker by ``worker_extension_cls``; runs in the process that holds the model.
 
     Ownership: the worker owns the weight memory for the engine's whole life. A manifest lends it: the
@@ -133,10 +149,35 @@ class WorkerExtension:
     worker also owns the weight version (Note [the engine owns the weight version]).
 
     vLLM requires every non-dunder attribute here to be absent from its worker class, hence the
-    ``ipcbridge_`` prefix on everything.
+    ``ipcbridge_`` prefix on everything but vLLM's own hooks (Note [every attribute prefixed]). Mixins
+    added to the bases keep that rule; they may define the hooks too (each hook here calls the next one
+    in the MRO).
     """
 
     _ipcbridge_weight_version: int = 0
+    #: Set by ``destroy_worker_extension``: the worker is shutting down, its memory is about to go.
+    _ipcbridge_closed: bool = False
+
+    def init_worker_extension(self) -> None:
+        """vLLM 0.33+: the worker's device is ready, the model not loaded yet. Starts the version at 0."""
+        self._ipcbridge_weight_version = 0
+        self._ipcbridge_closed = False
+        nxt = getattr(super(), "init_worker_extension", None)
+        if callable(nxt):
+            nxt()
+        logger.debug("ipcbridge: worker extension initialised in pid %d", os.getpid())
+
+    def destroy_worker_extension(self) -> None:
+        """vLLM 0.33+: the worker is about to shut down; later exports are refused (views would go stale)."""
+        self._ipcbridge_closed = True
+        nxt = getattr(super(), "destroy_worker_extension", None)
+        if callable(nxt):
+            nxt()
+
+    def _ipcbridge_check_open(self) -> None:
+        if self._ipcbridge_closed:
+            raise BridgeError("the vLLM worker is shutting down; its weights cannot be exported. Connect again "
+                              "after the engine restarts")
 
     def _ipcbridge_model(self) -> nn.Module:
         runner = getattr(self, "model_runner", None)
@@ -150,6 +191,7 @@ class WorkerExtension:
     @worker_method
     def ipcbridge_manifest(self) -> dict[str, Any]:
         """The manifest of every parameter of this worker's model, with the engine's HF config and version."""
+        self._ipcbridge_check_open()
         model = self._ipcbridge_model()
         reason = refusal_reason(self._ipcbridge_facts(model))
         if reason:
@@ -162,6 +204,9 @@ class WorkerExtension:
             model_parameters(model), engine_config_dict(self.vllm_config.model_config),  # type: ignore[attr-defined]
             self._ipcbridge_weight_version,
         )
+        if not mapping.has_table(self.vllm_config.model_config.hf_config):  # type: ignore[attr-defined]
+            # No table for this architecture: the trainer binds the plan vLLM's own loader implies.
+            manifest = manifest.replace(loader_plan=self._ipcbridge_loader_plan().to_dict())
         logger.info("ipcbridge: exported %d tensors (%d bytes), weight version %d",
                     len(manifest.tensors), manifest.total_bytes(), manifest.weight_version)
         return manifest.to_dict()

@@ -1,0 +1,174 @@
+"""``ipcbridge.stream(target, model)``: pick the receiver for the target and open the stream.
+
+Note [two receivers in vLLM]
+    A vLLM engine (``vllm.LLM``, ``AsyncLLM``, or ``vllm serve`` by URL) can be fed two ways:
+      - ``receiver="ipcbridge"``: the engine runs ipcbridge's worker extension
+        (:mod:`ipcbridge.vllm.receiver`); buckets are packed in the engine's fused layout and each tensor is
+        one ``copy_`` into its parameter. Fastest; one worker only (TP = PP = 1); its group times out, so a
+        dead trainer never blocks the engine.
+      - ``receiver="vllm"``: the engine was started with vLLM's NCCL weight transfer and has no ipcbridge
+        code at all (:mod:`ipcbridge.stream.stock`); HF tensors are sent and vLLM's ``load_weights`` fuses
+        and shards them, so TP > 1 engines are fed too.
+    ``receiver=None`` takes ipcbridge's where the engine answers its ``ipcbridge_stream_layout`` (extension
+    present, one worker), else vLLM's. Both share the fence and :func:`~ipcbridge.stream.protocol.send`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from torch import nn
+
+from ipcbridge.endpoints import resolve_endpoint
+from ipcbridge.errors import BridgeError
+from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, check_settings
+from ipcbridge.manifest import Manifest
+from ipcbridge.stream.bridge import StreamBridge, _model_device, stream_engine
+from ipcbridge.stream.controls import AsyncLLMControl, HttpControl, LLMControl, StockControl
+from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, plan_vllm_chunks
+from ipcbridge.stream.stock import VLLM_BUFFER_BYTES, StockStreamBridge, StockWire, hf_specs, parse_version
+
+logger = logging.getLogger(__name__)
+
+RECEIVERS = ("ipcbridge", "vllm")
+
+
+def _is_vllm(target: Any) -> bool:
+    return (isinstance(target, str) and target.startswith(("http://", "https://"))) or \
+        type(target).__module__.split(".")[0] == "vllm"
+
+
+class VllmReceiverEndpoint:
+    """A vLLM endpoint whose worker runs :class:`~ipcbridge.vllm.receiver.StreamReceiverMixin`, as the
+    :class:`~ipcbridge.endpoints.CanReceiveStream` endpoint :class:`StreamBridge` drives. The fence's calls
+    go to the wrapped endpoint unchanged."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = f"{inner.name} (ipcbridge receiver)"
+
+    def stream_layout(self) -> tuple[list[tuple[str, str, list[int]]], int]:
+        d = self.inner.rpc("ipcbridge_stream_layout")
+        try:
+            specs = [(str(n), str(dt), [int(x) for x in shape]) for n, dt, shape in d["tensors"]]
+            version = int(d["weight_version"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise BridgeError(f"{self.inner.where} answered ipcbridge_stream_layout with {str(d)[:200]!r} ({e}); is "
+                              "the same ipcbridge version installed in the engine?") from None
+        return specs, version
+
+    def manifest(self) -> Manifest:
+        return self.inner.manifest()
+
+    def stream_init(self, stream_id: str, *, host: str, port: int, backend: str, timeout: float,
+                    plan: dict[str, Any]) -> None:
+        self.inner.rpc("ipcbridge_stream_init", stream_id, host, port, backend, timeout,
+                       json.dumps(plan, separators=(",", ":")))
+
+    def stream_receive(self, stream_id: str, *, timeout: float) -> dict[str, Any]:
+        return self.inner.rpc("ipcbridge_stream_receive", stream_id)
+
+    def stream_close(self, stream_id: str) -> None:
+        self.inner.rpc("ipcbridge_stream_close", stream_id)
+
+    def pause(self, lease: Any, wait: float) -> None:
+        self.inner.pause(lease, wait)
+
+    def renew(self, lease: Any) -> None:
+        self.inner.renew(lease)
+
+    def resume(self, lease: Any) -> int:
+        return self.inner.resume(lease)
+
+    def cancel(self, lease: Any) -> None:
+        self.inner.cancel(lease)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _ipcbridge_endpoint(target: Any, required: bool) -> VllmReceiverEndpoint | None:
+    """The engine's ipcbridge receiver, or ``None`` (if not ``required``) when it has none."""
+    try:
+        inner = resolve_endpoint(target)
+        ep = inner if isinstance(inner, VllmReceiverEndpoint) else VllmReceiverEndpoint(inner)
+        ep.stream_layout()  # answers only with the extension and one worker
+        return ep
+    except BridgeError as e:
+        if required:
+            raise
+        logger.info("streaming through vLLM's own receiver: the engine has no usable ipcbridge receiver (%s)", e)
+        return None
+
+
+def stock_control(target: Any, timeout: float) -> StockControl:
+    """The control of a stock vLLM engine: an ``LLM``, an ``AsyncLLM`` or a ``vllm serve`` URL."""
+    if isinstance(target, str):
+        return HttpControl(resolve_endpoint(target), transfer_timeout=timeout)
+    kind = type(target).__name__
+    if kind == "LLM":
+        return LLMControl(target)
+    if kind == "AsyncLLM":
+        return AsyncLLMControl(target)
+    raise BridgeError(f"ipcbridge cannot stream into a {type(target).__module__}.{kind}; pass a vllm.LLM, an AsyncLLM "
+                      "or the http://host:port of vllm serve")
+
+
+def open_stock(control: StockControl, model: nn.Module, *, bucket_bytes: int | None, timeout: float, host: str,
+               lease_seconds: float, wait: float, bridge_cls: type[StockStreamBridge] = StockStreamBridge
+               ) -> StockStreamBridge:
+    """Open a stream into a stock vLLM engine's own NCCL receiver through ``control`` (Note [two receivers in
+    vLLM]). Closes ``control`` if it fails. ``bridge_cls`` is for tests (another rendezvous)."""
+    try:
+        wire = StockWire(parse_version(control.version()), buffer_bytes=bucket_bytes or VLLM_BUFFER_BYTES)
+        plan = plan_vllm_chunks(list(hf_specs(model)), wire.buffer_bytes)
+        sb = bridge_cls(control, model, wire=wire, plan=plan, timeout=timeout, host=host,
+                        lease_seconds=lease_seconds, wait=wait)
+        t0 = time.perf_counter()
+        sb._check_model()
+        sb._connect()
+    except BaseException:
+        control.close()
+        raise
+    sb.connect_seconds = time.perf_counter() - t0
+    logger.info("streaming %d HF tensors into vLLM %d.%d's receiver in %d chunk(s) of <= %d bytes",
+                len(plan.slots), *wire.version, len(plan.buckets), plan.buffer_bytes)
+    return sb
+
+
+def stream(target: Any, model: nn.Module, *, bucket_bytes: int | None = None, backend: str | None = None,
+           timeout: float = 120.0, host: str = "127.0.0.1", lease_seconds: float = DEFAULT_LEASE_SECONDS,
+           wait: float = DEFAULT_WAIT_SECONDS, receiver: str | None = None) -> StreamBridge:
+    """Stream a trainer-owned HF ``model`` into ``target``'s weights, where they cannot be shared.
+
+    ``target``: a :class:`~ipcbridge.LocalEngine`, a ``vllm.LLM``, an ``AsyncLLM`` or the ``http://`` URL of
+    ``vllm serve``. ``receiver`` (vLLM only): ``"ipcbridge"``, ``"vllm"`` or ``None`` to pick (Note [two
+    receivers in vLLM]). ``bucket_bytes``: the size of one broadcast (default 256 MiB for ipcbridge's
+    receiver, vLLM's 1 GiB for vLLM's, which must agree with it). ``backend``: ``"nccl"`` or ``"gloo"`` for
+    ipcbridge's receivers (vLLM's is NCCL only). ``timeout`` bounds joining, every broadcast and every
+    engine call; ``host`` is where this process serves the rendezvous. ``lease_seconds`` and ``wait`` are
+    the fence's, as for :func:`ipcbridge.connect`. Returns a bridge with ``update()``, ``push()``,
+    ``stats()`` and ``close()``; nothing is sent before the first push.
+    """
+    check_settings(lease_seconds, wait)
+    if receiver is not None and receiver not in RECEIVERS:
+        raise BridgeError(f"unknown receiver {receiver!r}; use one of {RECEIVERS} or None")
+    kw: dict[str, Any] = {"timeout": timeout, "host": host, "lease_seconds": lease_seconds, "wait": wait}
+    if not _is_vllm(target):
+        if receiver == "vllm":
+            raise BridgeError("receiver='vllm' streams into a vLLM engine; this target is not one")
+        return stream_engine(target, model, bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES, backend=backend, **kw)
+    if receiver != "vllm":
+        ep = _ipcbridge_endpoint(target, required=receiver == "ipcbridge")
+        if ep is not None:
+            return stream_engine(ep, model, bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES, backend=backend, **kw)
+    if backend not in (None, "nccl"):
+        raise BridgeError(f"vLLM's own receiver takes NCCL only (backend={backend!r}); use ipcbridge's receiver "
+                          "(worker extension) for gloo")
+    device = _model_device(model)
+    if device.type != "cuda":
+        raise BridgeError(f"vLLM's NCCL receiver takes CUDA tensors and the model is on {device}; model.to('cuda')")
+    return open_stock(stock_control(target, timeout), model, bucket_bytes=bucket_bytes, **kw)

@@ -1,0 +1,293 @@
+"""Real vLLM (0.25.1/0.26.0) on cuda:1 fed by ``ipcbridge.stream`` from a trainer-owned HF model on cuda:0.
+
+Needs 2 GPUs (``nvidia-h200-x2``). One engine per target, started with BOTH vLLM's NCCL weight transfer and
+ipcbridge's worker extension, so each test feeds it through vLLM's own receiver (``receiver="vllm"``) and
+through ipcbridge's (``receiver="ipcbridge"``):
+
+- ``vllm.LLM`` in this process (its EngineCore is spawned with ``CUDA_VISIBLE_DEVICES=1``);
+- ``vllm serve`` started with ``CUDA_VISIBLE_DEVICES=1``, fed by URL;
+- after a fenced optimizer step (a decisive one: every prompt's greedy continuation changes), vLLM's greedy
+  continuation equals the trainer model's;
+- faults: a model that does not fit (names/shapes) -> ``BridgeError`` and the engine serves on; a trainer that
+  stalls mid-push past the timeout -> ``BridgeError`` on the trainer and the engine serves on.
+
+Run: ``PYTHONPATH=. NCCL_NVLS_ENABLE=0 python -m pytest -m vllm tests/vllm/test_vllm_stream.py -q -s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import ipcbridge
+from ipcbridge.errors import BridgeError
+from ipcbridge.stream.stock import StockStreamBridge
+from tests.vllm import vllm_helpers as H
+
+pytestmark = [pytest.mark.vllm, pytest.mark.gpu]
+
+PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [300, 301, 302]]
+N_TOKENS = 12
+TIMEOUT = 60.0
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECEIVERS = ("vllm", "ipcbridge")
+
+
+def require_two_gpus() -> None:
+    H.require_vllm()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs: the trainer on cuda:0, vLLM on cuda:1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+
+def require_ipcbridge_receiver() -> None:
+    from ipcbridge.vllm import WorkerExtension
+    from ipcbridge.vllm.receiver import StreamReceiverMixin
+
+    if not issubclass(WorkerExtension, StreamReceiverMixin):
+        pytest.skip("ipcbridge.vllm.WorkerExtension does not include StreamReceiverMixin yet (the lead adds it)")
+
+
+@contextlib.contextmanager
+def visible_devices(value: str) -> Iterator[None]:
+    """Start vLLM's spawned processes on another GPU. This process's CUDA is initialised first, on all GPUs,
+    so the variable only reaches the children spawned while it is set."""
+    torch.cuda.init()
+    torch.zeros(1, device="cuda:0")
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def trainer_model(config: Any, seed: int = 1) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device("cuda:0"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def check_greedy(generate: Any, model: torch.nn.Module, what: str, strict: bool = True) -> None:
+    """vLLM's greedy tokens equal the HF model's for every prompt. ``strict=False`` (random weights, where bf16
+    near-ties can break either way in HF and vLLM kernels): every vLLM token is the HF argmax or within 0.05
+    nats of it, which weights that were not (all) streamed would miss by far."""
+    for prompt in PROMPTS:
+        got = generate(prompt)
+        want = H.hf_greedy(model, prompt, N_TOKENS)
+        agree = H.top1_agreement(model, prompt, got)
+        H.record(what, prompt=prompt, vllm=got, hf=want, agree=agree)
+        if strict:
+            assert got == want, f"{what}: vLLM {got} != HF {want} ({agree})"
+        else:
+            assert agree["max_gap"] <= 0.05, f"{what}: vLLM {got} is not HF's greedy {want} ({agree})"
+
+
+def fenced_step_and_check(sb: Any, generate: Any, what: str, target: int) -> dict[str, Any]:
+    before = [generate(p) for p in PROMPTS]
+    H.decisive_step(sb, PROMPTS, target)
+    check_greedy(generate, sb.model, what)
+    assert [generate(p) for p in PROMPTS] != before, f"{what}: the step did not change vLLM's output"
+    stats = sb.stats()
+    H.record(what + "_stats", **{k: v for k, v in stats.items() if not isinstance(v, float) or v < 1e6})
+    return stats
+
+
+# ---- vllm.LLM on cuda:1 -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm():
+    require_two_gpus()
+    from vllm import LLM
+
+    from ipcbridge.hf import write_model_dir
+    from ipcbridge.vllm.extension import EXTENSION_QUALNAME
+
+    model_dir = write_model_dir(H.tiny_config("llama"), tempfile.mkdtemp(prefix="ipcbridge-stream-"))
+    with visible_devices("1"):
+        engine = LLM(model=model_dir, load_format="dummy", enforce_eager=True, skip_tokenizer_init=True,
+                     attention_backend="TRITON_ATTN", gpu_memory_utilization=0.3, max_model_len=512, seed=0,
+                     dtype="bfloat16", num_gpu_blocks_override=4096, worker_extension_cls=EXTENSION_QUALNAME,
+                     weight_transfer_config={"backend": "nccl"})
+    yield engine
+    with contextlib.suppress(Exception):
+        engine.llm_engine.engine_core.shutdown()
+
+
+def llm_generate(llm: Any) -> Any:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
+
+    def generate(prompt: list[int]) -> list[int]:
+        out = llm.generate([{"prompt_token_ids": list(prompt)}], params, use_tqdm=False)
+        return [int(t) for t in out[0].outputs[0].token_ids]
+
+    return generate
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_llm_fenced_step_then_greedy_equals_trainer(llm: Any, receiver: str) -> None:
+    if receiver == "ipcbridge":
+        require_ipcbridge_receiver()
+    model = trainer_model(H.tiny_config("llama"))
+    with ipcbridge.stream(llm, model, receiver=receiver, timeout=TIMEOUT) as sb:
+        assert isinstance(sb, StockStreamBridge) == (receiver == "vllm")
+        sb.push()  # the engine now serves the trainer's weights
+        check_greedy(llm_generate(llm), model, f"llm_{receiver}_push", strict=False)
+        fenced_step_and_check(sb, llm_generate(llm), f"llm_{receiver}_step", target=17 + len(receiver))
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_llm_model_that_does_not_fit_is_refused_and_engine_serves(llm: Any, receiver: str) -> None:
+    if receiver == "ipcbridge":
+        require_ipcbridge_receiver()
+    wrong = trainer_model(H.tiny_config("llama", intermediate_size=256))
+    t0 = time.monotonic()
+    with pytest.raises(BridgeError):
+        sb = ipcbridge.stream(llm, wrong, receiver=receiver, timeout=20)
+        try:
+            sb.push()  # vLLM's receiver learns the shapes only when loading
+        finally:
+            sb.close()
+    H.record(f"llm_{receiver}_mismatch", seconds=round(time.monotonic() - t0, 1))
+    assert time.monotonic() - t0 < 60
+    model = trainer_model(H.tiny_config("llama"), seed=3)
+    with ipcbridge.stream(llm, model, receiver=receiver, timeout=TIMEOUT) as sb:
+        sb.push()
+        check_greedy(llm_generate(llm), model, f"llm_{receiver}_after_mismatch", strict=False)
+
+
+def test_llm_trainer_stalling_mid_push_fails_cleanly_and_engine_serves(llm: Any) -> None:
+    require_ipcbridge_receiver()
+    model = trainer_model(H.tiny_config("llama"), seed=4)
+    sb = ipcbridge.stream(llm, model, receiver="ipcbridge", bucket_bytes=1 << 20, timeout=10)
+    pack = sb._pack
+    calls = {"n": 0}
+
+    def stalling_pack(bucket: Any, out: torch.Tensor) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            time.sleep(25)  # past the engine's 10 s timeout: its receive fails, the trainer's push too
+        pack(bucket, out)
+
+    sb._pack = stalling_pack  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    with pytest.raises(BridgeError):
+        sb.push()
+    H.record("llm_stall", seconds=round(time.monotonic() - t0, 1))
+    sb.close()
+    with ipcbridge.stream(llm, model, receiver="ipcbridge", timeout=TIMEOUT) as again:
+        again.push()
+        check_greedy(llm_generate(llm), model, "llm_after_stall", strict=False)
+
+
+# ---- vllm serve on cuda:1 -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    require_two_gpus()
+    from ipcbridge.hf import write_model_dir
+    from ipcbridge.vllm.extension import EXTENSION_QUALNAME
+    from ipcbridge.vllm.http import HttpEndpoint
+
+    model_dir = write_model_dir(H.tiny_config("llama"), tempfile.mkdtemp(prefix="ipcbridge-stream-serve-"))
+    port = free_port()
+    log_path = os.path.join(os.environ.get("IPCBRIDGE_LOGDIR", tempfile.gettempdir()), "vllm_serve_stream.log")
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", CUDA_VISIBLE_DEVICES="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy", "--skip-tokenizer-init",
+           "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "512", "--seed", "0",
+           "--dtype", "bfloat16", "--attention-backend", "TRITON_ATTN", "--num-gpu-blocks-override", "4096",
+           "--worker-extension-cls", EXTENSION_QUALNAME, "--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it for the whole module
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    ep = HttpEndpoint(url, timeout=5)
+    t0 = time.time()
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.flush()
+                with open(log_path) as f:
+                    pytest.fail(f"vllm serve exited with {proc.returncode}:\n{f.read()[-4000:]}")
+            try:
+                ep.request("GET", "/health")
+                break
+            except BridgeError:
+                if time.time() - t0 > 300:
+                    pytest.fail("vllm serve did not become healthy in 300 s")
+                time.sleep(1)
+        H.record("stream_serve_started", seconds=round(time.time() - t0, 1), url=url, log=log_path)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_generate(url: str) -> Any:
+    from ipcbridge.vllm.http import HttpEndpoint
+
+    ep = HttpEndpoint(url, timeout=60)
+    return lambda prompt: ep.complete(prompt, N_TOKENS)[0]
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_serve_fenced_step_then_greedy_equals_trainer(server: str, receiver: str) -> None:
+    if receiver == "ipcbridge":
+        require_ipcbridge_receiver()
+    model = trainer_model(H.tiny_config("llama"), seed=5)
+    with ipcbridge.stream(server, model, receiver=receiver, timeout=TIMEOUT) as sb:
+        sb.push()
+        check_greedy(serve_generate(server), model, f"serve_{receiver}_push", strict=False)
+        fenced_step_and_check(sb, serve_generate(server), f"serve_{receiver}_step", target=23 + len(receiver))
+
+
+def test_serve_model_that_does_not_fit_is_refused_and_server_serves(server: str) -> None:
+    wrong = trainer_model(H.tiny_config("llama", intermediate_size=256))
+    with pytest.raises(BridgeError):
+        sb = ipcbridge.stream(server, wrong, receiver="vllm", timeout=20)
+        try:
+            sb.push()
+        finally:
+            sb.close()
+    model = trainer_model(H.tiny_config("llama"), seed=6)
+    with ipcbridge.stream(server, model, receiver="vllm", timeout=TIMEOUT) as sb:
+        sb.push()
+        check_greedy(serve_generate(server), model, "serve_after_mismatch", strict=False)
