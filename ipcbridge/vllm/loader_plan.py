@@ -8,8 +8,8 @@ turns into views exactly as it does a table's plan. Any architecture whose loade
 covered without a table.
 
 Note [recording tensors carry their own element indices]
-    A recording tensor is an int64 tensor whose values are its own element indices (``arange``), tagged
-    with its HF name. Every operation that only moves values (views, ``chunk``/``unbind``, ``contiguous``,
+    A recording tensor is an int64 tensor whose values are its own element indices (an ``arange``, held
+    symbolically: Note [recording tensors are symbolic until a loader copies them]), tagged with its HF name. Every operation that only moves values (views, ``chunk``/``unbind``, ``contiguous``,
     ``to(device)``) keeps each value attached to its source element, whatever torch does in memory, so when
     the loader finally calls ``param_view.copy_(loaded)`` the values say exactly which HF element goes to
     which parameter element. Operations that compute values (arithmetic, a dtype change other than to the
@@ -24,8 +24,20 @@ Note [the dry run writes no weights]
     parameter memory are never executed: the ones from recording tensors are recorded, the others logged
     and dropped. Replacing a parameter's ``.data`` is refused. So the served weights are untouched.
 
-Cost: the recording tensors of all HF tensors are alive until the plan is built (8 bytes per weight on the
-CPU); fine for the small models the tests use, about 8x the bf16 model size for a large one.
+Note [recording tensors are symbolic until a loader copies them]
+    Written out, an index tensor costs 8 bytes per weight. So a recording tensor starts as a *meta* tensor
+    (no memory) viewed from a flat root: a view's values are then implied by its storage offset and strides.
+    View ops run on the meta tensors, and each ``copy_`` is reduced at once to an
+    :class:`~ipcbridge.mapping.pieces.AffinePiece` (a few integers). Only when a loader applies a copying op
+    (``contiguous`` of a transpose, ``cat``, ``flip``) are that op's inputs written out as index tensors, for
+    that op alone (:class:`~ipcbridge.mapping.pieces.ExplicitPiece`). A dry run over a pure-view loader
+    therefore holds no per-weight memory however large the model (measured in docs/mapping.md).
+
+Note [checkpoint names, not HF parameter names]
+    vLLM's loaders are written for checkpoints. Where transformers 5 fuses checkpoint tensors into one
+    parameter (MoE experts), each HF tensor is fed as the checkpoint tensors it is made of, each a view of
+    its recording tensor (:func:`ipcbridge.mapping.checkpoint.checkpoint_views`), so the per-expert copies
+    compose into the fused parameter's one landing.
 """
 
 from __future__ import annotations
@@ -38,7 +50,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ipcbridge.errors import MappingError
-from ipcbridge.mapping.derived import Landing, LoaderPlan
+from ipcbridge.mapping.checkpoint import Rule, checkpoint_rules, checkpoint_views
+from ipcbridge.mapping.derived import LoaderPlan
+from ipcbridge.mapping.pieces import AffinePiece, ExplicitPiece, Piece, affine_values, landing
 from ipcbridge.vllm.rpc import worker_method
 
 logger = logging.getLogger(__name__)
@@ -49,9 +63,11 @@ __all__ = ["LoaderPlanMixin", "hf_parameters", "record_loader_plan"]
 MOVES = frozenset({
     "view", "view_as", "reshape", "reshape_as", "narrow", "select", "__getitem__", "chunk", "split",
     "split_with_sizes", "tensor_split", "unbind", "t", "T.__get__", "mT.__get__", "transpose", "permute",
-    "squeeze", "unsqueeze", "flatten", "unflatten", "contiguous", "clone", "detach", "data.__get__", "movedim",
+    "squeeze", "unsqueeze", "flatten", "unflatten", "contiguous", "clone", "movedim",
     "expand", "expand_as", "cat", "concat", "stack", "flip", "index_select", "as_strided",
 })
+#: The very tensor again (no new values, no new layout): kept symbolic as it is.
+SAME = frozenset({"detach", "data.__get__"})
 #: Questions about a tensor that read no values.
 ASKS = frozenset({
     "size", "dim", "numel", "nelement", "stride", "is_contiguous", "element_size", "storage_offset", "__len__",
@@ -62,15 +78,46 @@ MOVES_DEVICE = frozenset({"to", "cuda", "cpu", "type", "type_as", "float", "half
 
 
 class _Ids(torch.Tensor):
-    """A recording tensor (Note [recording tensors carry their own element indices])."""
+    """A recording tensor (Note [recording tensors carry their own element indices]): symbolic (meta, a view
+    of ``_ipcbridge_root``) or explicit (CPU int64 values)."""
 
     _ipcbridge_hf: str | None = None
+    _ipcbridge_root: torch.Tensor | None = None
+
+
+def _tag(t: Any, name: str, root: torch.Tensor | None) -> None:
+    if isinstance(t, _Ids):
+        t._ipcbridge_hf = name
+        t._ipcbridge_root = root
 
 
 def _ids(name: str, shape: tuple[int, ...]) -> _Ids:
-    t = torch.arange(int(torch.Size(shape).numel()), dtype=torch.int64).view(shape).as_subclass(_Ids)
-    t._ipcbridge_hf = name
+    """A symbolic recording tensor (Note [recording tensors are symbolic until a loader copies them])."""
+    root = torch.empty(int(torch.Size(shape).numel()), dtype=torch.int64, device="meta")
+    t = root.view(shape).as_subclass(_Ids)
+    _tag(t, name, root)
     return t
+
+
+def _symbolic(t: _Ids) -> bool:
+    return t._ipcbridge_root is not None
+
+
+def _explicit(t: _Ids) -> _Ids:
+    """``t``'s values written out: its flat indices into the HF tensor, implied by its view of the root."""
+    if not _symbolic(t):
+        return t
+    out = affine_values(t.storage_offset(), t.stride(), tuple(t.shape)).view(t.shape).as_subclass(_Ids)
+    _tag(out, t._ipcbridge_hf or "?", None)
+    return out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    """Which storage ``t`` views. Note [storage identity on meta tensors]: ``data_ptr`` is 0 for every meta
+    tensor, so the storage is told apart by its ``StorageImpl`` (``_cdata``, private), which views share;
+    it lets the recorder run over meta parameters (the memory measurement) as over CUDA ones."""
+    storage = t.untyped_storage()
+    return int(getattr(storage, "_cdata", 0) or storage.data_ptr())
 
 
 def _op_name(func: Callable[..., Any]) -> str:
@@ -92,35 +139,52 @@ def _flat(obj: Any) -> Iterator[Any]:
         yield obj
 
 
+def _swap(obj: Any, fn: Callable[[_Ids], _Ids]) -> Any:
+    """``obj`` (args/kwargs) with every recording tensor replaced by ``fn(it)``."""
+    if isinstance(obj, _Ids):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_swap(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _swap(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def _offsets(t: torch.Tensor) -> torch.Tensor:
-    """The storage offset (in elements) of each element of ``t``, as a CPU int64 tensor of ``t``'s shape."""
-    out = torch.full((), t.storage_offset(), dtype=torch.int64)
-    for k, (n, s) in enumerate(zip(t.shape, t.stride(), strict=True)):
-        out = out + (torch.arange(n, dtype=torch.int64) * s).view([n if i == k else 1 for i in range(t.dim())])
-    return out.expand(t.shape)
+    """The storage offset (in elements) of each element of ``t``, flat, as a CPU int64 tensor."""
+    return affine_values(t.storage_offset(), t.stride(), tuple(t.shape))
 
 
 class _Recorder(TorchFunctionMode):
-    """Records ``param_view.copy_(recording)``; refuses value-computing ops on recordings; drops every write
-    into parameter memory (Note [the dry run writes no weights])."""
+    """Records ``param_view.copy_(recording)`` as pieces; refuses value-computing ops on recordings; drops
+    every write into parameter memory (Note [the dry run writes no weights])."""
 
     def __init__(self, params: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
         super().__init__()
-        self.storages = {p.untyped_storage().data_ptr(): (n, p) for n, p in params.items()}
+        self.storages = {_storage_key(p): (n, p) for n, p in params.items()}
         self.dtype = dtype
-        self.pieces: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        self.pieces: dict[str, list[Piece]] = {}
         self.dropped: list[str] = []
 
     def _param_of(self, t: Any) -> tuple[str, torch.Tensor] | None:
-        if not isinstance(t, torch.Tensor) or isinstance(t, _Ids) or t.device.type == "meta":
+        if not isinstance(t, torch.Tensor) or isinstance(t, _Ids):
             return None
-        return self.storages.get(t.untyped_storage().data_ptr())
+        return self.storages.get(_storage_key(t))
 
-    def _record(self, dst: torch.Tensor, src: _Ids, op: str) -> None:
+    def _record(self, dst: torch.Tensor, src: _Ids) -> None:
+        """Reduce one copy to a piece at once (Note [recording tensors are symbolic until a loader copies
+        them]): nothing per element is kept for a symbolic source."""
         target, param = self._param_of(dst) or ("", dst)
-        ids = src.as_subclass(torch.Tensor).expand(dst.shape).reshape(-1)
-        offs = (_offsets(dst) - param.storage_offset()).reshape(-1)
-        self.pieces.setdefault(src._ipcbridge_hf or "?", []).append((target, offs, ids))
+        src_view = src.expand(dst.shape)
+        at = dst.storage_offset() - param.storage_offset()
+        piece: Piece
+        if _symbolic(src):
+            piece = AffinePiece(target, tuple(dst.shape), src_view.storage_offset(), tuple(src_view.stride()), at,
+                                tuple(dst.stride()))
+        else:
+            piece = ExplicitPiece(target, src_view.as_subclass(torch.Tensor).reshape(-1).clone(),
+                                  _offsets(dst) - param.storage_offset())
+        self.pieces.setdefault(src._ipcbridge_hf or "?", []).append(piece)
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -134,9 +198,9 @@ class _Recorder(TorchFunctionMode):
         writes = op == "__setitem__" or in_place or "out" in kwargs
         if writes and self._param_of(kwargs.get("out", dst)) is not None:
             if op == "copy_" and isinstance(args[1], _Ids):
-                self._record(dst, args[1], op)
+                self._record(dst, args[1])
             elif op == "__setitem__" and isinstance(args[2], _Ids):
-                self._record(dst[args[1]], args[2], op)
+                self._record(dst[args[1]], args[2])
             elif srcs:
                 raise MappingError(f"{names[0]}: the loader writes it into a parameter with {op!r}, not a copy")
             else:
@@ -146,8 +210,10 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         if len(names) > 1:
             raise MappingError(f"{names}: the loader combines these HF tensors with {op!r}; not a view of one")
-        if op in ASKS or (op.endswith(".__get__") and op not in MOVES):
+        if op in ASKS or (op.endswith(".__get__") and op not in MOVES and op not in SAME):
             return func(*args, **kwargs)
+        if op in SAME:
+            return args[0]
         if op in MOVES_DEVICE:
             return self._device_move(srcs[0], op, args, kwargs)
         if op not in MOVES:
@@ -155,11 +221,23 @@ class _Recorder(TorchFunctionMode):
                 f"{names[0]}: vLLM's loader applies {op!r} to it, which computes new values: the engine's tensor "
                 "is not a view of it, so it cannot be aliased (register a table if the values are in fact equal)"
             )
-        out = func(*args, **kwargs)
-        for o in _flat(out):
-            if isinstance(o, _Ids):
-                o._ipcbridge_hf = names[0]
-        return out
+        return self._move(func, names[0], srcs, args, kwargs)
+
+    def _move(self, func: Callable[..., Any], name: str, srcs: list[_Ids], args: tuple, kwargs: Any) -> Any:
+        """A value-moving op: on the meta views while it is a view of the root, else on written-out values."""
+        roots = {id(s._ipcbridge_root) for s in srcs if _symbolic(s)}
+        root = next((s._ipcbridge_root for s in srcs if _symbolic(s)), None)
+        outs: Any = None
+        if len(roots) == 1 and all(_symbolic(s) for s in srcs):
+            outs = func(*args, **kwargs)
+            if all(o._base is root for o in _flat(outs) if isinstance(o, torch.Tensor)):
+                for o in _flat(outs):
+                    _tag(o, name, root)
+                return outs
+        outs = func(*_swap(args, _explicit), **_swap(kwargs, _explicit))  # a copying op: real values
+        for o in _flat(outs):
+            _tag(o, name, None)
+        return outs
 
     def _device_move(self, src: _Ids, op: str, args: tuple, kwargs: Mapping[str, Any]) -> _Ids:
         dtypes = [a for a in _flat((args[1:], kwargs)) if isinstance(a, torch.dtype)]
@@ -174,60 +252,33 @@ class _Recorder(TorchFunctionMode):
         return src
 
 
-def _landing(name: str, shape: tuple[int, ...], pieces: list[tuple[str, torch.Tensor, torch.Tensor]]) -> Landing:
-    """The one strided view the pieces of ``name`` make, or ``MappingError`` saying why there is none."""
-    numel = int(torch.Size(shape).numel())
-    targets = sorted({t for t, _, _ in pieces})
-    if not pieces:
-        raise MappingError(f"{name}: vLLM's loader did not copy it into any parameter (it skipped or renamed it)")
-    if "" in targets:
-        raise MappingError(f"{name}: vLLM's loader copies it into a tensor that is not a model parameter")
-    if len(targets) > 1:
-        raise MappingError(f"{name}: vLLM's loader splits it over {targets}; one HF tensor must be one view")
-    ids = torch.cat([i for _, _, i in pieces])
-    offs = torch.cat([o for _, o, _ in pieces])
-    count = torch.bincount(ids, minlength=numel)
-    if bool((count != 1).any()):
-        what = "never lands" if bool((count == 0).any()) else "lands more than once"
-        raise MappingError(f"{name}: part of it {what} in {targets[0]}; not a view")
-    land = torch.empty(numel, dtype=torch.int64)
-    land[ids] = offs
-    base = int(land[0]) if numel else 0
-    stride, step = [], 1
-    for k in reversed(range(len(shape))):
-        unit = step  # the flat index of the element one step along dim k
-        stride.append(int(land[unit]) - base if shape[k] > 1 else (stride[-1] * shape[k + 1] if stride else 1))
-        step *= shape[k]
-    stride.reverse()
-    expected = base + sum(
-        (torch.arange(n, dtype=torch.int64) * s).view([n if i == k else 1 for i in range(len(shape))])
-        for k, (n, s) in enumerate(zip(shape, stride, strict=True))
-    ) if shape else torch.tensor(base)
-    if not torch.equal(torch.as_tensor(expected).expand(shape).reshape(-1), land):
-        raise MappingError(f"{name}: its elements land in {targets[0]} in an order no strided view has (a permutation)")
-    try:
-        return Landing(hf=name, target=targets[0], offset=base, shape=tuple(shape), stride=tuple(stride))
-    except ValueError as e:  # negative strides, overlaps: not a trainable view
-        raise MappingError(f"{name}: lands in {targets[0]} as no trainable view ({e})") from None
+def _feed(hf_shapes: Mapping[str, tuple[int, ...]], rules: tuple[Rule, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(checkpoint name, recording tensor)`` pairs, each HF tensor's made only when the loader asks for it
+    (Note [checkpoint names, not HF parameter names])."""
+    for name, shape in hf_shapes.items():
+        yield from checkpoint_views(name, _ids(name, tuple(shape)), rules)
 
 
 def record_loader_plan(load_weights: Callable[[Iterable[tuple[str, torch.Tensor]]], Any],
                        params: Mapping[str, torch.Tensor], hf_shapes: Mapping[str, tuple[int, ...]],
-                       tied: Mapping[str, str], model_type: str, source: str = "vllm load_weights") -> LoaderPlan:
+                       tied: Mapping[str, str], model_type: str, source: str = "vllm load_weights",
+                       rules: tuple[Rule, ...] | None = None) -> LoaderPlan:
     """Drive ``load_weights`` (vLLM's ``model.load_weights``) with recording tensors named and shaped as
     ``hf_shapes`` and return where each landed in ``params`` (the model's parameters by vLLM name).
 
-    ``tied`` names the HF tensors that share another's (not fed: vLLM skips them too). Raises
+    ``tied`` names the HF tensors that share another's (not fed: vLLM skips them too). ``rules``: how HF
+    tensors are made of checkpoint tensors (default: transformers' mapping for ``model_type``). Raises
     ``MappingError`` naming the first HF tensor that does not land as one strided view, and the reason.
     """
     dtype = next(iter(params.values())).dtype
     recorder = _Recorder(params, dtype)
+    rules = checkpoint_rules(model_type) if rules is None else rules
     with torch.no_grad(), recorder:
-        load_weights((name, _ids(name, tuple(shape))) for name, shape in hf_shapes.items())
+        load_weights(_feed(hf_shapes, rules))
     if recorder.dropped:
         logger.info("loader plan: dropped %d write(s) into the weights that copied no HF tensor (%s)",
                     len(recorder.dropped), sorted(set(recorder.dropped)))
-    landings = tuple(_landing(n, tuple(s), recorder.pieces.get(n, [])) for n, s in hf_shapes.items())
+    landings = tuple(landing(n, tuple(s), recorder.pieces.get(n, [])) for n, s in hf_shapes.items())
     return LoaderPlan(model_type=model_type, landings=landings, tied=dict(tied), source=source)
 
 
