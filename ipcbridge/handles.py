@@ -138,10 +138,11 @@ def open_manifest(manifest: Manifest) -> OpenedManifest:
     if p.pid == os.getpid():
         return _own_export(manifest)
     provenance.check_alive(p.pid, p.start_time)
+    checked: set[str] = set()  # per open, never across: Note [one check per ref-counter file]
     with contextlib.ExitStack() as held:
         claims = []
         for i, spec in enumerate(manifest.storages):
-            c = transports.get(spec.kind).claim(spec, p.pid, f"manifest.storages[{i}]")
+            c = transports.get(spec.kind).claim(spec, p.pid, f"manifest.storages[{i}]", checked=checked)
             held.callback(c.close)
             claims.append(c)
         return _map(manifest, claims)

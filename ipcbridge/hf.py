@@ -21,6 +21,20 @@ Note [building on the meta device]
     ``with torch.device("meta")`` would put them on meta too (that is ``include_buffers=True``), and a meta
     ``inv_freq`` cannot be recovered without re-running each architecture's own rotary init. The buffers are
     created on the default device; :func:`materialize_buffers` moves them next to the weights.
+
+Note [no weight init on the meta device]
+    Construction also runs weight init: torch's ``reset_parameters`` in every ``nn.Linear``/``nn.Embedding``
+    and HF's ``post_init`` -> ``init_weights`` over every module. On meta tensors it writes nothing, yet it
+    is most of the build: torch's meta ``normal_``/``uniform_`` are Python decompositions, about 0.3 ms a
+    call, so the Llama-3-8B shape spent 60 of its 72 ms there (``benchmarks/bench_attach.py``), all of it
+    for parameters that ``attach`` replaces by views a moment later. :func:`_skip_weight_init` builds under
+    transformers' own ``no_init_weights``, the context ``from_pretrained`` builds under (it swaps torch's
+    init functions and ``PreTrainedModel.init_weights`` for no-ops, process-wide, for the ``with`` block,
+    as accelerate's patch is). That also skips ``init_weights``' last step, ``tie_weights``, so
+    :func:`build_meta_model` ties afterwards, as it would have been: callers count distinct parameters.
+    Buffers are unaffected: every architecture computes them at construction (HF's ``_init_weights``
+    recomputes the same rotary and embedding-scale values). ``tests/test_hf.py`` checks both, buffers and
+    ties, against a fully initialised model for every mapped architecture.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -204,12 +219,23 @@ def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = to_hf_config(config)
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), _skip_weight_init():
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         except TypeError:  # transformers < 4.56 spells it torch_dtype
             model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    model.tie_weights()  # what the skipped init_weights ends with: Note [no weight init on the meta device]
     return model
+
+
+def _skip_weight_init() -> AbstractContextManager[None]:
+    """transformers' ``no_init_weights``: Note [no weight init on the meta device]. It moved from
+    ``modeling_utils`` (4.x) to ``initialization`` (5.x); both skip torch's init functions and HF's."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def materialize_buffers(model: nn.Module, device: torch.device | str) -> None:

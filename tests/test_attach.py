@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ipcbridge
-from ipcbridge import MappingError
-from ipcbridge.attach import attach_with_attachment
+from ipcbridge import BridgeError, MappingError
+from ipcbridge.attach import Attachment, attach_with_attachment, verify
 from tests.helpers import reference_model, tiny_config, vllm_weights
 
 IDS = torch.tensor([[1, 5, 9, 42, 99, 3]])
@@ -97,3 +97,61 @@ def test_config_as_dict_and_manifest_in_process() -> None:
     m = ipcbridge.export(weights, cfg)
     model = ipcbridge.attach(m)  # the manifest carries cfg.to_dict(); this process opens its own export
     assert torch.equal(model(IDS).logits, ref(IDS).logits)
+
+
+def _brute_owns(ranges: list[tuple[int, int]], t: torch.Tensor) -> bool:
+    """The definition Note [ranges by bisection] must keep: inside one range (never their union)."""
+    if t.numel() == 0:
+        return True
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    return any(lo <= start and end <= hi for lo, hi in ranges)
+
+
+def test_owns_means_inside_one_range_even_when_ranges_overlap_or_nest() -> None:
+    base = torch.zeros(1000, dtype=torch.uint8)
+    a = base.data_ptr()
+
+    def owns(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
+        return Attachment("vllm", ranges, {}).owns(base[lo:hi])
+
+    overlapping = [(a + 50, a + 200), (a, a + 100)]  # unsorted on purpose
+    assert not owns(overlapping, 40, 120)  # inside their union, inside neither
+    assert owns(overlapping, 60, 190) and owns(overlapping, 0, 100) and not owns(overlapping, 0, 101)
+    nested = [(a + 10, a + 20), (a, a + 500)]
+    assert owns(nested, 100, 400) and owns(nested, 12, 18) and not owns(nested, 400, 501)
+    assert not owns([], 0, 1) and owns([], 5, 5)  # no memory owns nothing; an empty tensor has no bytes
+    assert not owns([(a + 10, a + 20)], 0, 15)  # starts before every range
+
+
+def test_owns_agrees_with_the_definition_on_random_ranges() -> None:
+    gen = torch.Generator().manual_seed(0)
+    base = torch.zeros(4096, dtype=torch.uint8)
+    a = base.data_ptr()
+
+    def rand(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=gen))
+
+    for _ in range(300):
+        ranges = [(a + lo, a + lo + rand(800)) for lo in (rand(3000) for _ in range(rand(6)))]
+        lo = rand(4000)
+        t = base[lo:lo + rand(600)]
+        assert Attachment("vllm", ranges, {}).owns(t) == _brute_owns(ranges, t), (ranges, lo, t.numel())
+
+
+def test_verify_refuses_a_copied_or_retyped_parameter_naming_it() -> None:
+    cfg = tiny_config("llama")
+    weights = vllm_weights(reference_model(cfg), cfg)
+    model, attachment = attach_with_attachment(weights, cfg)
+    views = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
+    verify(model, attachment, views)  # as attached: fine
+    norm = model.model.norm
+    norm.weight = torch.nn.Parameter(norm.weight.detach().clone())  # a private copy the engine never sees
+    with pytest.raises(BridgeError, match=r"\['model.norm.weight'\] do not lie in the engine's memory"):
+        verify(model, attachment, views)
+    norm.weight = torch.nn.Parameter(views["model.norm.weight"].double())
+    with pytest.raises(BridgeError, match=r"model\.norm\.weight: bound as torch\.float64"):
+        verify(model, attachment, views)
+    norm.weight = torch.nn.Parameter(torch.empty(64, device="meta"))
+    with pytest.raises(BridgeError, match=r"model\.norm\.weight is still on the meta device"):
+        verify(model, attachment, views)

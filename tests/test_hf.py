@@ -12,6 +12,7 @@ import torch
 from ipcbridge import hf
 from ipcbridge.errors import BridgeError, MappingError
 from tests.helpers import tiny_config
+from tests.mapping.mapping_cases import CASE_IDS, CASES
 
 
 def _raises(error: type[Exception], message: str):
@@ -168,6 +169,40 @@ def test_build_meta_model_has_meta_parameters_and_real_buffers(model_type: str) 
     for name, buf in buffers.items():  # computed at construction, exactly as a real model computes them
         assert not buf.is_meta, name
         torch.testing.assert_close(buf, real[name], rtol=0, atol=0, check_dtype=False)
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_build_skips_weight_init_yet_buffers_equal_a_fully_initialised_model(case_id: str) -> None:
+    """Note [no weight init on the meta device]: HF's init would recompute rotary and embedding-scale
+    buffers; skipping it is right only while every architecture computes them at construction."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = next(c for c in CASES if c.id == case_id).config()
+    model = hf.build_meta_model(cfg, torch.bfloat16)
+    assert all(p.is_meta for p in model.parameters())
+    full = AutoModelForCausalLM.from_config(cfg)
+    # tied as the full model is: the same distinct parameters (callers count them)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in full.named_parameters()]
+    real = dict(full.named_buffers())
+    buffers = dict(model.named_buffers())
+    assert buffers.keys() == real.keys()
+    for name, buf in buffers.items():
+        assert not buf.is_meta, name
+        torch.testing.assert_close(buf, real[name], rtol=0, atol=0, check_dtype=False)
+    import torch.nn.init as torch_init
+
+    assert torch_init.normal_.__module__ == "torch.nn.init"  # the no-op init is gone after the build
+
+
+def test_weight_init_is_skipped_while_building() -> None:
+    calls: list[str] = []
+    original = torch.nn.init.normal_
+    torch.nn.init.normal_ = lambda t, *a, **k: calls.append("normal_") or original(t, *a, **k)
+    try:
+        hf.build_meta_model(tiny_config("llama"), torch.float32)
+    finally:
+        torch.nn.init.normal_ = original
+    assert calls == []
 
 
 def test_materialize_buffers_moves_buffers_and_never_parameters() -> None:

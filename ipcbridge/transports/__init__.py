@@ -7,7 +7,8 @@ frozen ``Spec`` dataclass that crosses the process boundary as part of a
 :class:`~ipcbridge.manifest.Manifest`, which names the transport by its kind. ``rebuild_storage`` is
 ``claim(spec, producer_pid).open()``: ``claim`` runs every provenance check (Note [the trust model] in
 :mod:`ipcbridge.transports.provenance`) and maps nothing, so a consumer can check all storages before it
-maps any.
+maps any. Its keyword ``checked`` is a set one open of a manifest passes to every claim, for facts shared
+by storages that need checking only once per open (a CUDA ref-counter file).
 
 Copying trainer-owned weights into the engine's where memory cannot be shared is not a transport in this
 sense (it never appears in a manifest): it lives in :mod:`ipcbridge.stream`.

@@ -190,7 +190,7 @@ def local_device_index(gpu_uuid: str) -> int:
     if index is None:
         raise BridgeError(
             f"GPU {gpu_uuid} is not visible to this process (visible: {sorted(_uuid_to_index())}); set "
-            "CUDA_VISIBLE_DEVICES so the engine's GPU is visible, or use the NCCL fallback for another GPU"
+            "CUDA_VISIBLE_DEVICES so the engine's GPU is visible, or stream instead: ipcbridge.stream(engine, model)"
         )
     return index
 
@@ -203,7 +203,7 @@ def reduce_storage(storage: torch.UntypedStorage) -> Spec:
         raise BridgeError(
             f"torch could not export this CUDA storage through IPC ({e}). Memory from vLLM's sleep mode "
             "(cumem allocator) or from PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True cannot be shared "
-            "with legacy CUDA IPC: start the engine without them, or use the NCCL fallback"
+            "with legacy CUDA IPC: start the engine without them, or stream: ipcbridge.stream(engine, model), which feeds sleep-mode engines on the same GPU through a shared buffer"
         ) from e
     return Spec(
         gpu_uuid=device_uuid(device),
@@ -255,12 +255,31 @@ class Claim:
         """Nothing is held before the handle is opened."""
 
 
-def claim(spec: Spec, producer: int, where: str = "cuda_ipc storage") -> Claim:
+def claim(spec: Spec, producer: int, where: str = "cuda_ipc storage", *, checked: set[str] | None = None) -> Claim:
     """Check ``spec`` against Note [what a CUDA handle may be] for process ``producer``, and find the local
-    device with its GPU UUID. Opens nothing; ``BridgeError`` names what was wrong."""
+    device with its GPU UUID. Opens nothing; ``BridgeError`` names what was wrong.
+
+    ``checked``: the ref-counter files this open already checked (Note [one check per ref-counter file]).
+    """
     provenance.storage_pid(spec.ref_counter_pid, producer, f"{where} (its ref-counter file)")
-    name = spec.ref_counter_handle.decode("ascii")
-    path = "/dev/shm" + name
+    path = "/dev/shm" + spec.ref_counter_handle.decode("ascii")
+    if checked is None or path not in checked:
+        _check_ref_counter_file(path, producer, where)
+        if checked is not None:
+            checked.add(path)
+    return Claim(spec, local_device_index(spec.gpu_uuid))
+
+
+# Note [one check per ref-counter file]
+#     A producer's storages share its ref-counter files (10000 slots each: every storage of an 8B model
+#     names the same one), so the file is checked once per manifest open, not once per storage. What is
+#     checked of a file (a regular file on a tmpfs, big enough for every slot) does not depend on the
+#     storage, and the storage's own facts (whose file it is, its slot) are still checked per storage; the
+#     file is opened by torch by name after all claims either way, so caching for the length of one open
+#     leaves the window between check and use what it was.
+
+
+def _check_ref_counter_file(path: str, producer: int, where: str) -> None:
     try:
         st = os.stat(path)
     except OSError as e:
@@ -273,7 +292,6 @@ def claim(spec: Spec, producer: int, where: str = "cuda_ipc storage") -> Claim:
             f"{where}: {path} is not a torch ref-counter file (a {8 * REF_COUNTER_SLOTS}-byte file on tmpfs): "
             "this manifest was not written by ipcbridge.export; attach to a fresh engine.manifest()"
         )
-    return Claim(spec, local_device_index(spec.gpu_uuid))
 
 
 def rebuild_storage(spec: Spec, producer: int | None = None) -> torch.UntypedStorage:

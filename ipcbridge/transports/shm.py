@@ -113,9 +113,12 @@ class Claim:
             os.close(fd)
 
 
-def claim(spec: Spec, producer: int, where: str = "shm storage") -> Claim:
+def claim(spec: Spec, producer: int, where: str = "shm storage", *, checked: set[str] | None = None) -> Claim:
     """Check that ``spec`` is shared memory of process ``producer`` and open it (Note [the trust model] in
-    :mod:`ipcbridge.transports.provenance`). Nothing is mapped; ``BridgeError`` names what was wrong."""
+    :mod:`ipcbridge.transports.provenance`). Nothing is mapped; ``BridgeError`` names what was wrong.
+
+    ``checked`` is the transports' common argument and unused here: every shm storage is an object of its
+    own, checked on the descriptor that is then mapped, so nothing carries over from one to the next."""
     provenance.storage_pid(spec.pid, producer, f"{where} ({spec.path})")
     st = _stat(spec)
     if not stat.S_ISREG(st.st_mode):  # a pipe, socket or device: never opened, opening can have effects

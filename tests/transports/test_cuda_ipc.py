@@ -107,3 +107,86 @@ def test_a_genuine_looking_handle_passes_provenance_and_needs_the_gpu(ref_counte
 
 def test_uuid_normalisation() -> None:
     assert cuda_ipc.normalize_uuid("GPU-1234-ABCD") == "1234-abcd"
+
+
+_NO_GPU = r"sees no CUDA device|is not visible to this process"  # the last check: provenance passed
+
+
+def test_a_ref_counter_file_is_checked_once_per_open(ref_counter, monkeypatch) -> None:
+    """Note [one check per ref-counter file]: one stat per file and open, the per-storage checks every time."""
+    name, path = ref_counter
+    stats: list[str] = []
+    real_stat = os.stat
+    monkeypatch.setattr(cuda_ipc.os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+    checked: set[str] = set()
+    for offset in (1, 2, 3):
+        with pytest.raises(BridgeError, match=_NO_GPU):
+            cuda_ipc.claim(_spec(ref_counter_handle=name, ref_counter_offset=offset), os.getpid(), checked=checked)
+    assert [p for p in stats if str(p).startswith("/dev/shm/")] == [str(path)] and checked == {str(path)}
+    # the storage's own facts are still checked with the file in the set: whose file it names
+    with pytest.raises(BridgeError, match="but the manifest's producer is process 1"):
+        cuda_ipc.claim(_spec(ref_counter_handle=name), producer=1, checked=checked)
+
+
+def test_the_once_per_open_cache_never_outlives_the_open(ref_counter) -> None:
+    name, path = ref_counter
+    with pytest.raises(BridgeError, match=_NO_GPU):
+        cuda_ipc.claim(_spec(ref_counter_handle=name), os.getpid(), checked=set())
+    path.write_bytes(b"\0" * 8)  # the next open checks again and sees the file shrunk
+    checked: set[str] = set()
+    with pytest.raises(BridgeError, match="is not a torch ref-counter file"):
+        cuda_ipc.claim(_spec(ref_counter_handle=name), os.getpid(), checked=checked)
+    assert checked == set()  # a refused file is never remembered as checked
+    with pytest.raises(BridgeError, match="is not a torch ref-counter file"):
+        cuda_ipc.claim(_spec(ref_counter_handle=name), os.getpid())  # no set: checked every time
+
+
+_PRODUCER = """
+import sys, torch, ipcbridge
+ts = {f"small{i}": torch.zeros(1000 + i, device="cuda") for i in range(12)}  # storages of one segment
+ts["big"] = torch.zeros(4 << 20, device="cuda")  # a segment of its own
+torch.cuda.synchronize()
+print(ipcbridge.export(ts).to_json(), flush=True)
+sys.stdin.readline()  # the consumer wrote, synchronised and unmapped
+print(int(bool(ts["small3"].eq(7).all()) and bool(ts["big"].eq(7).all()) and bool(ts["small4"].eq(0).all())),
+      flush=True)
+"""
+
+
+@pytest.mark.gpu
+def test_many_cuda_storages_check_their_ref_counter_file_once_and_alias(monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    from ipcbridge.handles import open_manifest
+    from ipcbridge.manifest import Manifest
+
+    root = str(Path(__file__).resolve().parents[2])
+    child = subprocess.Popen([sys.executable, "-c", _PRODUCER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": root})
+    try:
+        line = child.stdout.readline()
+        assert line, "the producer died before exporting (its stderr is above)"
+        manifest = Manifest.from_json(line)
+        files = {"/dev/shm" + s.ref_counter_handle.decode() for s in manifest.storages}
+        torch.cuda.init()
+        cuda_ipc._uuid_to_index()  # CUDA's own start-up is not what is counted
+        stats: list[str] = []
+        real_stat = os.stat
+        monkeypatch.setattr(cuda_ipc.os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+        opened = open_manifest(manifest)
+        monkeypatch.undo()
+        ref_stats = sorted(p for p in stats if str(p).startswith("/dev/shm/"))
+        assert ref_stats == sorted(files) and len(files) < len(manifest.storages)  # once per file, per open
+        opened.tensors["small3"].fill_(7)
+        opened.tensors["big"].fill_(7)
+        torch.cuda.synchronize()
+        opened.close()
+        child.stdin.write("written\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "1"  # the producer sees the writes, and only those
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
