@@ -25,6 +25,13 @@ Issue 15 (``nvidia-h200-x4``, TP=2 on cuda:1,2; only vLLM's receiver shards)::
     PYTHONPATH=. NCCL_NVLS_ENABLE=0 python3 benchmarks/bench_stream_vllm.py --tp 2 --gpus 1,2 \\
         --receivers vllm --json $OUT/stream_tp2.json --check
 
+Issue 12, item 2 (one H200): ``--same-gpu`` starts the engine on the trainer's GPU with
+``enable_sleep_mode=True`` (which ``connect()`` refuses) and streams through the trainer's shared CUDA IPC
+buffer (receiver ``ipc``); the ceiling is then one contiguous device-to-device copy of the same bytes on
+that GPU, and before the timed pushes the engine goes through a sleep/wake cycle::
+
+    PYTHONPATH=. python3 benchmarks/bench_stream_vllm.py --same-gpu --json $OUT/stream_same_gpu.json --check
+
 ``--tiny`` runs everything on a tiny config (a smoke test of the script). Prints a Markdown table last.
 """
 
@@ -44,6 +51,8 @@ from typing import Any
 import torch
 
 MIB = 2**20
+#: A ceiling peer that died must not hold the trainer in a broadcast for NCCL's default 10 minutes.
+CEILING_TIMEOUT = datetime.timedelta(seconds=120)
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [300, 301, 302]]
 
 
@@ -86,7 +95,7 @@ def _ceiling_peer(rank: int, world: int, host: str, port: int, nbytes: int, reps
 
     torch.cuda.set_device(0)  # this child sees only its engine GPU
     store = dist.TCPStore(host, port, world, False, timeout=datetime.timedelta(seconds=300))
-    pg = dist.ProcessGroupNCCL(dist.PrefixStore("ceiling", store), rank, world)
+    pg = dist.ProcessGroupNCCL(dist.PrefixStore("ceiling", store), rank, world, CEILING_TIMEOUT)
     buf = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     opts = dist.BroadcastOptions()
     for _ in range(reps + 2):
@@ -113,7 +122,7 @@ def ceiling(nbytes: int, gpus: list[str], trainer: torch.device, reps: int) -> d
             p = ctx.Process(target=_ceiling_peer, args=(i + 1, world, "127.0.0.1", store.port, nbytes, reps))
             p.start()
         procs.append(p)
-    pg = dist.ProcessGroupNCCL(dist.PrefixStore("ceiling", store), 0, world)
+    pg = dist.ProcessGroupNCCL(dist.PrefixStore("ceiling", store), 0, world, CEILING_TIMEOUT)
     buf = torch.empty(nbytes, dtype=torch.uint8, device=trainer)
     times = []
     for i in range(reps + 2):
@@ -136,21 +145,41 @@ def ceiling(nbytes: int, gpus: list[str], trainer: torch.device, reps: int) -> d
     return {"bytes": nbytes, "seconds": med, "gbps": nbytes / med / 1e9, "reps": reps}
 
 
+def copy_ceiling(nbytes: int, device: torch.device, reps: int) -> dict[str, Any]:
+    """Median seconds of one contiguous device-to-device copy of ``nbytes`` on ``device`` (the one-GPU ceiling)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 2):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    del src, dst
+    torch.cuda.empty_cache()
+    med = statistics.median(times)
+    return {"bytes": nbytes, "seconds": med, "gbps": nbytes / med / 1e9, "reps": reps, "kind": "d2d copy"}
+
+
 # ---- the engine and the pushes ----------------------------------------------------------------------------
 
 
-def start_llm(config: Any, gpus: list[str], tp: int, util: float) -> Any:
+def start_llm(config: Any, gpus: list[str], tp: int, util: float, same_gpu: bool = False) -> Any:
     from vllm import LLM
 
     from ipcbridge.hf import write_model_dir
     from ipcbridge.vllm.extension import EXTENSION_QUALNAME
 
     model_dir = write_model_dir(config, tempfile.mkdtemp(prefix="ipcbridge-bench-stream-"))
+    # One GPU: sleep mode (the engine connect() refuses), no NCCL. Else vLLM's NCCL transfer for its receiver.
+    extra: dict[str, Any] = {"enable_sleep_mode": True} if same_gpu else {"weight_transfer_config": {"backend": "nccl"}}
     with visible_devices(",".join(gpus)):
         return LLM(model=model_dir, load_format="dummy", enforce_eager=True, skip_tokenizer_init=True,
                    attention_backend="TRITON_ATTN", gpu_memory_utilization=util, max_model_len=1024, seed=0,
                    dtype="bfloat16", tensor_parallel_size=tp, num_gpu_blocks_override=1024,
-                   worker_extension_cls=EXTENSION_QUALNAME, weight_transfer_config={"backend": "nccl"})
+                   worker_extension_cls=EXTENSION_QUALNAME, **extra)
 
 
 def engine_memory(llm: Any, reset: bool) -> list[dict[str, int]]:
@@ -165,11 +194,14 @@ def trainer_memory(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device)
 
 
-def greedy_check(llm: Any, sb: Any) -> dict[str, Any]:
+def greedy_check(llm: Any, sb: Any, sleep_cycle: bool = False) -> dict[str, Any]:
     from vllm import SamplingParams
 
     from tests.vllm import vllm_helpers as H
 
+    if sleep_cycle:  # a deep sleep discards the weights: the step below must bring them all back
+        llm.sleep(level=2)
+        llm.wake_up()
     H.decisive_step(sb, PROMPTS, target=42)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
     rows = []
@@ -187,8 +219,12 @@ def run_receiver(llm: Any, model: torch.nn.Module, receiver: str, args: argparse
     base = trainer_memory(dev)
     e_base = engine_memory(llm, reset=True)
     bucket = args.bucket_mib * MIB if args.bucket_mib else None
+    if args.same_gpu:  # asleep while the stream opens, awake (weights re-mapped) before the first push
+        llm.sleep(level=1)
     sb = ipcbridge.stream(llm, model, receiver=receiver, bucket_bytes=bucket, timeout=args.timeout)
     try:
+        if args.same_gpu:
+            llm.wake_up()
         walls = []
         for i in range(args.pushes + 2):
             t0 = time.perf_counter()
@@ -212,7 +248,7 @@ def run_receiver(llm: Any, model: torch.nn.Module, receiver: str, args: argparse
             "engine_drift": [a["allocated"] - b["allocated"] for a, b in zip(e_after, e_before, strict=True)],
         }
         if args.check:
-            row["check"] = greedy_check(llm, sb)
+            row["check"] = greedy_check(llm, sb, sleep_cycle=args.same_gpu)
         return row
     finally:
         sb.close()
@@ -230,7 +266,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out: dict[str, Any] = {"shape": shape, "params_bytes": nbytes, "ceiling": {}, "rows": []}
-    llm = start_llm(config, args.gpus, args.tp, args.gpu_memory_utilization)
+    llm = start_llm(config, args.gpus, args.tp, args.gpu_memory_utilization, args.same_gpu)
     try:
         for receiver in args.receivers:
             try:
@@ -239,7 +275,8 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
                 row = {"receiver": receiver, "error": f"{type(e).__name__}: {e}"}
             wire = row.get("wire_bytes") or plan_vllm_chunks(dict(model.named_parameters()), 1 << 30).wire_bytes
             if wire not in out["ceiling"]:
-                out["ceiling"][wire] = ceiling(wire, args.gpus, trainer, args.reps)
+                out["ceiling"][wire] = (copy_ceiling(wire, trainer, args.reps) if args.same_gpu
+                                        else ceiling(wire, args.gpus, trainer, args.reps))
             if "transfer_s" in row:
                 c = out["ceiling"][wire]["seconds"]
                 row["vs_ceiling_transfer"] = c / row["transfer_s"]
@@ -287,13 +324,25 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10, help="timed reps of the ceiling broadcast")
     ap.add_argument("--bucket-mib", type=int, default=0, help="0: each receiver's default (256 MiB / vLLM's 1 GiB)")
     ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="the engine's share of its GPU (default 0.5; 0.3 with --same-gpu, beside the trainer)")
+    ap.add_argument("--same-gpu", action="store_true",
+                    help="engine on the trainer's GPU in sleep mode, fed through the shared buffer (receiver ipc)")
     ap.add_argument("--check", action="store_true", help="a decisive step, then vLLM greedy == HF greedy")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     args.receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
+    if args.same_gpu:
+        if args.tp != 1:
+            raise SystemExit("--same-gpu runs one engine worker (--tp 1) on the trainer's GPU")
+        # This process's CUDA_VISIBLE_DEVICES (if any) maps the trainer's index to what the child must see.
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        args.gpus = [visible[args.trainer_gpu] if visible else str(args.trainer_gpu)]
+        args.receivers = ["ipc"]
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = 0.3 if args.same_gpu else 0.5
     if len(args.gpus) != args.tp:
         raise SystemExit(f"--gpus names {len(args.gpus)} GPU(s) for --tp {args.tp}")
     if args.tiny:
@@ -302,17 +351,20 @@ def main() -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     torch.cuda.init()
     torch.zeros(1, device=f"cuda:{args.trainer_gpu}")  # CUDA up on every GPU before vLLM's children spawn
-    results = [run_shape(s.strip(), args) for s in args.models.split(",") if s.strip()]
+    results: list[dict[str, Any]] = []
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "argv": sys.argv,
               "device": torch.cuda.get_device_name(args.trainer_gpu), "gpus": args.gpus, "tp": args.tp,
-              "torch": torch.__version__, "results": results}
+              "same_gpu": args.same_gpu, "torch": torch.__version__, "results": results}
     with contextlib.suppress(Exception):
         import vllm
 
         report["vllm"] = vllm.__version__
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    for shape in [s.strip() for s in args.models.split(",") if s.strip()]:
+        results.append(run_shape(shape, args))
+        if args.json:  # after every shape: a later hang or kill keeps what was measured
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+        print(table(results[-1:]), flush=True)
     print(table(results))
 
 

@@ -11,6 +11,8 @@ One module per concern, in dependency order:
 - :mod:`~ipcbridge.stream.nccl`: a bare NCCL communicator as a group, and vLLM's rendezvous.
 - :mod:`~ipcbridge.stream.controls` and :mod:`~ipcbridge.stream.stock`: the trainer's side of vLLM's own
   NCCL receiver (:class:`StockStreamBridge`), wire compatible with stock vLLM.
+- :mod:`~ipcbridge.stream.ipc`: one GPU, memory that cannot be shared (vLLM sleep mode): both sides of a
+  stream through a trainer-owned CUDA IPC buffer (:class:`IpcStreamBridge`), no NCCL.
 - :mod:`~ipcbridge.stream.api`: :func:`stream`, which picks the receiver.
 
 Once :mod:`ipcbridge` is imported, its attribute ``stream`` is the function :func:`stream`, which shadows this
@@ -22,6 +24,7 @@ ipcbridge.stream.plan as p``, ``monkeypatch.setattr("ipcbridge.stream.group.x", 
 from ipcbridge.stream.api import stream
 from ipcbridge.stream.bridge import StreamBridge
 from ipcbridge.stream.group import TorchGroup
+from ipcbridge.stream.ipc import IpcStreamBridge
 from ipcbridge.stream.plan import (
     DEFAULT_BUCKET_BYTES,
     Bucket,
@@ -36,6 +39,6 @@ from ipcbridge.stream.protocol import receive, send
 from ipcbridge.stream.stock import StockStreamBridge
 
 __all__ = [
-    "DEFAULT_BUCKET_BYTES", "Bucket", "Slot", "StockStreamBridge", "StreamBridge", "StreamPlan", "TorchGroup", "pack",
+    "DEFAULT_BUCKET_BYTES", "Bucket", "IpcStreamBridge", "Slot", "StockStreamBridge", "StreamBridge", "StreamPlan", "TorchGroup", "pack",
     "plan_buckets", "plan_vllm_chunks", "receive", "send", "stream", "unpack",
 ]

@@ -11,6 +11,14 @@ Note [two receivers in vLLM]
         and shards them, so TP > 1 engines are fed too.
     ``receiver=None`` takes ipcbridge's where the engine answers its ``ipcbridge_stream_layout`` (extension
     present, one worker), else vLLM's. Both share the fence and :func:`~ipcbridge.stream.protocol.send`.
+
+Note [one GPU: the shared buffer]
+    NCCL cannot broadcast between two processes on one GPU, and an engine there that ``connect()`` refuses
+    (sleep mode, ``expandable_segments``) cannot be aliased either. ipcbridge's receiver then takes the
+    stream through a buffer the trainer shares over CUDA IPC (:mod:`ipcbridge.stream.ipc`):
+    ``receiver="ipc"``, or by itself where the worker reports the trainer's own GPU (by UUID). The engine
+    endpoint is built for streaming (``streaming=True``), which skips the aliasing-only refusals: sleep
+    mode is exactly the engine this path is for.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import logging
 import time
 from typing import Any
 
+import torch
 from torch import nn
 
 from ipcbridge.endpoints import resolve_endpoint
@@ -28,12 +37,14 @@ from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, check_s
 from ipcbridge.manifest import Manifest
 from ipcbridge.stream.bridge import StreamBridge, _model_device, stream_engine
 from ipcbridge.stream.controls import AsyncLLMControl, HttpControl, LLMControl, StockControl
+from ipcbridge.stream.ipc import IpcStreamBridge
 from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, plan_vllm_chunks
 from ipcbridge.stream.stock import VLLM_BUFFER_BYTES, StockStreamBridge, StockWire, hf_specs, parse_version
+from ipcbridge.transports.cuda_ipc import device_uuid, normalize_uuid
 
 logger = logging.getLogger(__name__)
 
-RECEIVERS = ("ipcbridge", "vllm")
+RECEIVERS = ("ipcbridge", "vllm", "ipc")
 
 
 def _is_vllm(target: Any) -> bool:
@@ -49,13 +60,16 @@ class VllmReceiverEndpoint:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.name = f"{inner.name} (ipcbridge receiver)"
+        #: The worker's GPU by UUID ("" for CPU weights), as of the last :meth:`stream_layout`.
+        self.gpu_uuid = ""
 
     def stream_layout(self) -> tuple[list[tuple[str, str, list[int]]], int]:
         d = self.inner.rpc("ipcbridge_stream_layout")
         try:
             specs = [(str(n), str(dt), [int(x) for x in shape]) for n, dt, shape in d["tensors"]]
             version = int(d["weight_version"])
-        except (TypeError, KeyError, ValueError) as e:
+            self.gpu_uuid = str(d.get("gpu_uuid", ""))
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
             raise BridgeError(f"{self.inner.where} answered ipcbridge_stream_layout with {str(d)[:200]!r} ({e}); is "
                               "the same ipcbridge version installed in the engine?") from None
         return specs, version
@@ -68,6 +82,11 @@ class VllmReceiverEndpoint:
         self.inner.rpc("ipcbridge_stream_init", stream_id, host, port, backend, timeout,
                        json.dumps(plan, separators=(",", ":")))
 
+    def stream_init_ipc(self, stream_id: str, *, host: str, port: int, timeout: float, plan: dict[str, Any],
+                        buffers: str) -> None:
+        self.inner.rpc("ipcbridge_stream_init_ipc", stream_id, host, port, timeout,
+                       json.dumps(plan, separators=(",", ":")), buffers)
+
     def stream_receive(self, stream_id: str, *, timeout: float) -> dict[str, Any]:
         return self.inner.rpc("ipcbridge_stream_receive", stream_id)
 
@@ -75,6 +94,9 @@ class VllmReceiverEndpoint:
         self.inner.rpc("ipcbridge_stream_close", stream_id)
 
     def pause(self, lease: Any, wait: float) -> None:
+        if engine_asleep(self.inner):  # Note [receiving after sleep] in ipcbridge.vllm.receiver
+            raise BridgeError(f"{self.name} is asleep (vLLM sleep mode): its weights are not in GPU memory. Fix: "
+                              "engine.wake_up() before pushing")
         self.inner.pause(lease, wait)
 
     def renew(self, lease: Any) -> None:
@@ -90,10 +112,45 @@ class VllmReceiverEndpoint:
         self.inner.close()
 
 
+def engine_asleep(inner: Any) -> bool:
+    """Whether the vLLM engine behind ``inner`` (an ``ipcbridge.vllm`` endpoint) says it is asleep; ``False``
+    where it cannot tell (a release without ``is_sleeping``, ``vllm serve`` without dev mode)."""
+    try:
+        if hasattr(inner, "llm"):
+            engine = getattr(inner.llm, "llm_engine", None)
+            probe = getattr(engine, "is_sleeping", None)
+            return bool(probe()) if callable(probe) and _sleep_mode(engine) else False
+        if hasattr(inner, "engine") and hasattr(inner, "_run"):
+            probe = getattr(inner.engine, "is_sleeping", None)
+            return bool(inner._run(probe())) if callable(probe) and _sleep_mode(inner.engine) else False
+        if hasattr(inner, "request"):
+            resp = inner.request("GET", "/is_sleeping")
+            return isinstance(resp, dict) and resp.get("is_sleeping") is True
+    except BridgeError as e:
+        logger.debug("cannot tell whether %s is asleep: %s", getattr(inner, "name", inner), e)
+    return False
+
+
+def _sleep_mode(engine: Any) -> bool:
+    """Whether an in-process engine may sleep at all (else asking it, one engine-core call per push, is moot)."""
+    model_config = getattr(getattr(engine, "vllm_config", None), "model_config", None)
+    return bool(getattr(model_config, "enable_sleep_mode", True))
+
+
+def _streaming_endpoint(target: Any) -> Any:
+    """The endpoint of ``target`` for streaming: for ``LLM``/``AsyncLLM`` without the aliasing-only refusals
+    (Note [one GPU: the shared buffer]); anything else as :func:`~ipcbridge.endpoints.resolve_endpoint` has it."""
+    if type(target).__module__.split(".")[0] == "vllm":
+        from ipcbridge.vllm.endpoints import endpoint_for
+
+        return endpoint_for(target, streaming=True)
+    return resolve_endpoint(target)
+
+
 def _ipcbridge_endpoint(target: Any, required: bool) -> VllmReceiverEndpoint | None:
     """The engine's ipcbridge receiver, or ``None`` (if not ``required``) when it has none."""
     try:
-        inner = resolve_endpoint(target)
+        inner = _streaming_endpoint(target)
         ep = inner if isinstance(inner, VllmReceiverEndpoint) else VllmReceiverEndpoint(inner)
         ep.stream_layout()  # answers only with the extension and one worker
         return ep
@@ -145,30 +202,47 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int | None = None, ba
     """Stream a trainer-owned HF ``model`` into ``target``'s weights, where they cannot be shared.
 
     ``target``: a :class:`~ipcbridge.LocalEngine`, a ``vllm.LLM``, an ``AsyncLLM`` or the ``http://`` URL of
-    ``vllm serve``. ``receiver`` (vLLM only): ``"ipcbridge"``, ``"vllm"`` or ``None`` to pick (Note [two
-    receivers in vLLM]). ``bucket_bytes``: the size of one broadcast (default 256 MiB for ipcbridge's
+    ``vllm serve``. ``receiver`` (vLLM only): ``"ipcbridge"``, ``"vllm"``, ``"ipc"`` (ipcbridge's, through a
+    shared buffer on the trainer's GPU) or ``None`` to pick (Note [two receivers in vLLM], Note [one GPU:
+    the shared buffer]). ``bucket_bytes``: the size of one broadcast (default 256 MiB for ipcbridge's
     receiver, vLLM's 1 GiB for vLLM's, which must agree with it). ``backend``: ``"nccl"`` or ``"gloo"`` for
-    ipcbridge's receivers (vLLM's is NCCL only). ``timeout`` bounds joining, every broadcast and every
-    engine call; ``host`` is where this process serves the rendezvous. ``lease_seconds`` and ``wait`` are
-    the fence's, as for :func:`ipcbridge.connect`. Returns a bridge with ``update()``, ``push()``,
-    ``stats()`` and ``close()``; nothing is sent before the first push.
+    ipcbridge's receivers (vLLM's is NCCL only), ``"ipc"`` for the shared buffer. ``timeout`` bounds
+    joining, every broadcast and every engine call; ``host`` is where this process serves the rendezvous.
+    ``lease_seconds`` and ``wait`` are the fence's, as for :func:`ipcbridge.connect`. Returns a bridge
+    with ``update()``, ``push()``, ``stats()`` and ``close()``; nothing is sent before the first push.
     """
     check_settings(lease_seconds, wait)
     if receiver is not None and receiver not in RECEIVERS:
         raise BridgeError(f"unknown receiver {receiver!r}; use one of {RECEIVERS} or None")
-    kw: dict[str, Any] = {"timeout": timeout, "host": host, "lease_seconds": lease_seconds, "wait": wait}
+    ipc = receiver == "ipc" or backend == "ipc"
+    if receiver == "vllm" and ipc:
+        raise BridgeError("vLLM's own receiver takes NCCL only; the shared buffer (backend='ipc') needs ipcbridge's "
+                          "worker extension (receiver='ipc')")
+    kw: dict[str, Any] = {"timeout": timeout, "host": host, "lease_seconds": lease_seconds, "wait": wait,
+                          "bucket_bytes": bucket_bytes or DEFAULT_BUCKET_BYTES}
     if not _is_vllm(target):
         if receiver == "vllm":
             raise BridgeError("receiver='vllm' streams into a vLLM engine; this target is not one")
-        return stream_engine(target, model, bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES, backend=backend, **kw)
+        return stream_engine(target, model, backend=backend, bridge_cls=IpcStreamBridge if ipc else None, **kw)
     if receiver != "vllm":
-        ep = _ipcbridge_endpoint(target, required=receiver == "ipcbridge")
+        ep = _ipcbridge_endpoint(target, required=receiver in ("ipcbridge", "ipc"))
         if ep is not None:
-            return stream_engine(ep, model, bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES, backend=backend, **kw)
+            ipc = ipc or (backend is None and _same_gpu(ep, model))
+            return stream_engine(ep, model, backend=backend, bridge_cls=IpcStreamBridge if ipc else None, **kw)
     if backend not in (None, "nccl"):
         raise BridgeError(f"vLLM's own receiver takes NCCL only (backend={backend!r}); use ipcbridge's receiver "
                           "(worker extension) for gloo")
     device = _model_device(model)
     if device.type != "cuda":
         raise BridgeError(f"vLLM's NCCL receiver takes CUDA tensors and the model is on {device}; model.to('cuda')")
+    kw.pop("bucket_bytes")
     return open_stock(stock_control(target, timeout), model, bucket_bytes=bucket_bytes, **kw)
+
+
+def _same_gpu(ep: VllmReceiverEndpoint, model: nn.Module) -> bool:
+    """Whether the engine's worker runs on the model's GPU (by UUID: Note [devices by UUID])."""
+    device = _model_device(model)
+    if device.type != "cuda" or not ep.gpu_uuid:
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return normalize_uuid(ep.gpu_uuid) == device_uuid(index)

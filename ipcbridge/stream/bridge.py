@@ -68,9 +68,10 @@ _GRACE_SECONDS = 5.0
 class _Call:
     """An engine RPC in a daemon thread, so this thread can do the trainer's half meanwhile."""
 
-    def __init__(self, fn: Callable[[], Any], what: str) -> None:
+    def __init__(self, fn: Callable[[], Any], what: str, on_error: Callable[[], None] | None = None) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
+        self._on_error = on_error  # tells the trainer's half to stop waiting for the engine
         self._thread = threading.Thread(target=self._run, args=(fn,), name=f"ipcbridge-{what}", daemon=True)
         self._thread.start()
 
@@ -79,6 +80,8 @@ class _Call:
             self.result = fn()
         except BaseException as e:  # reported by the thread that joins
             self.error = e
+            if self._on_error is not None:
+                self._on_error()
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -172,7 +175,8 @@ class StreamBridge:
         self._layout = self._make_layout(plan, model)
         self._tied_names = frozenset(a for a, _ in self._layout.tied)
         self._device = _model_device(model)
-        self._buffer_device = self._device if backend == "nccl" else torch.device("cpu")
+        # NCCL and a shared buffer (backend "ipc") carry the model's own device; gloo goes through host memory.
+        self._buffer_device = self._device if backend in ("nccl", "ipc") else torch.device("cpu")
         self._group: Any = None  # a TorchGroup, or a CommGroup into vLLM's receiver: a Group with close(abort)
         self._params: dict[str, torch.Tensor] = {}  # the model's tensors, during a push only
         #: The two send buffers, allocated at the first push and kept until close: pushes allocate nothing.
@@ -181,6 +185,11 @@ class StreamBridge:
         self._fence = Fence(endpoint, holder=f"stream {self.stream_id} ({endpoint.name})",
                             version=weight_version, sync=lambda: synchronize(self.model),
                             lease_seconds=lease_seconds, wait=wait)
+
+    @staticmethod
+    def pick_backend(backend: str | None, device: torch.device) -> str:
+        """``backend``, or the default for a model on ``device``, if it can carry that device's buffers."""
+        return check_backend(backend or ("nccl" if device.type == "cuda" else "gloo"), device)
 
     def _make_layout(self, plan: StreamPlan, model: nn.Module) -> _Layout:
         """The HF parameters the plan takes (a subclass whose plan is in HF names overrides this)."""
@@ -231,7 +240,7 @@ class StreamBridge:
                     f"the engine would never see {name}'s updates. Fix: model.tie_weights() (or start the "
                     "engine with tie_word_embeddings=False)"
                 )
-        if self.backend == "nccl":
+        if self.backend in ("nccl", "ipc"):
             on = {str(p.device) for p in params.values()} - {str(self._device)}
             if on:
                 raise BridgeError(f"parameters moved to {sorted(on)}; the stream packs on {self._device}. Fix: "
@@ -252,10 +261,7 @@ class StreamBridge:
         except Exception as e:  # torch raises several types for bind and address errors
             raise BridgeError(f"cannot serve the stream rendezvous on {self.host} ({e}); pass host= an address "
                               "of this machine that the engine can reach") from e
-        call = _Call(lambda: self.endpoint.stream_init(self.stream_id, host=self.host, port=store.port,
-                                                       backend=self.backend, timeout=self.timeout,
-                                                       plan=self.plan.to_dict()),
-                     "stream_init")
+        call = _Call(lambda: self._engine_init(store.port), "stream_init")
         fix = ("Fix: check the engine's log, that it can reach "
                f"{self.host}, and for NCCL that the two ranks use distinct GPUs")
         # The engine sets READY_KEY only once it accepted the request: until then a refusal can still arrive,
@@ -268,7 +274,7 @@ class StreamBridge:
                 raise BridgeError(f"the engine did not join the weight stream within {self.timeout:.0f}s. {fix}")
             time.sleep(0.005)
         try:
-            group = TorchGroup.join(store, 0, 2, self.backend, self.timeout, self.host)
+            group = self._join(store)
         except Exception as e:
             call.join(_GRACE_SECONDS)
             raise _failure("opening the weight stream", e, call.error, fix) from e
@@ -277,6 +283,15 @@ class StreamBridge:
             group.close(abort=True)
             raise _failure("opening the weight stream", None, call.error, fix)
         self._group = group
+
+    def _engine_init(self, port: int) -> None:
+        """Ask the engine to check the plan and join at ``port`` (in the RPC thread)."""
+        self.endpoint.stream_init(self.stream_id, host=self.host, port=port,  # type: ignore[attr-defined]
+                                  backend=self.backend, timeout=self.timeout, plan=self.plan.to_dict())
+
+    def _join(self, store: Any) -> Any:
+        """Join the group (a ``Group`` with ``close(abort)``) as rank 0, once the engine accepted the stream."""
+        return TorchGroup.join(store, 0, 2, self.backend, self.timeout, self.host)
 
     # -- pushing -------------------------------------------------------------------------------------
 
@@ -294,7 +309,8 @@ class StreamBridge:
         group = self._require_open()
         t0 = time.perf_counter()
         rpc_timeout = self.timeout * (len(self.plan.buckets) + 2)
-        call = _Call(lambda: self.endpoint.stream_receive(self.stream_id, timeout=rpc_timeout), "stream_receive")
+        call = _Call(lambda: self.endpoint.stream_receive(self.stream_id, timeout=rpc_timeout), "stream_receive",
+                     on_error=getattr(group, "interrupt", None))
         fix = ("The engine's weights may be partly updated and this stream is closed. Fix: check the engine (its "
                "log), then open a new stream with ipcbridge.stream(engine, model) and push()")
         self._params = params
@@ -393,10 +409,12 @@ def _engine_layout(endpoint: Any) -> tuple[list[tuple[str, Any, Any]], int]:
 
 def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
            backend: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
-           lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS) -> StreamBridge:
+           lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS,
+           bridge_cls: type[StreamBridge] | None = None) -> StreamBridge:
     """Stream a trainer-owned HF ``model`` into ``target``'s weights, where they cannot be shared.
 
-    ``target``: an engine that can receive streamed weights (a :class:`~ipcbridge.LocalEngine`). ``model``
+    ``bridge_cls``: :class:`StreamBridge` (a process group) by default; ``IpcStreamBridge`` for a shared
+    buffer on the trainer's own GPU (:mod:`ipcbridge.stream.ipc`). ``target``: an engine that can receive streamed weights (a :class:`~ipcbridge.LocalEngine`). ``model``
     stays the trainer's own; it must match the engine's model (names, shapes, dtypes). ``backend``:
     ``"nccl"`` (default for CUDA models; the engine must be on another GPU) or ``"gloo"`` (default on CPU;
     works for any devices, through host memory). ``bucket_bytes``: target size of one broadcast; the two
@@ -415,11 +433,12 @@ def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_
                 "be shared, use ipcbridge.connect()"
             )
         device = _model_device(model)
-        backend = check_backend(backend or ("nccl" if device.type == "cuda" else "gloo"), device)
+        cls = bridge_cls or StreamBridge
+        backend = cls.pick_backend(backend, device)
         t0 = time.perf_counter()
         specs, version = _engine_layout(endpoint)
         plan = plan_buckets(specs, bucket_bytes)
-        sb = StreamBridge(endpoint, model, version, plan=plan, backend=backend, timeout=timeout, host=host,
+        sb = cls(endpoint, model, version, plan=plan, backend=backend, timeout=timeout, host=host,
                           lease_seconds=lease_seconds, wait=wait)
         sb._check_model()  # a mismatch surfaces here, before the engine joins anything
         sb._connect()

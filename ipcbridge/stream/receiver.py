@@ -74,6 +74,21 @@ class StreamReceiver:
                     f"{list(t.shape)}; build the plan from this engine's manifest"
                 )
 
+    def rebind(self, weights: Mapping[str, torch.Tensor], check: bool = True) -> None:
+        """Write into ``weights`` from now on: the engine re-allocated its tensors (vLLM's ``wake_up`` after
+        ``sleep``). With ``check``, the current stream's plan is checked against them first (``ValueError``
+        if it no longer fits; the stream is then closed, since the trainer's next push could not land);
+        without (a new stream is about to be checked against them), it is not."""
+        with self._lock:
+            old, self.weights = self.weights, weights
+            if check and self.plan is not None and self.group is not None:
+                try:
+                    self._check_plan(self.plan)
+                except ValueError:
+                    self.weights = old
+                    self._close()
+                    raise
+
     def init(self, stream_id: str, host: str, port: int, backend: str, timeout: float,
              plan_dict: Mapping[str, Any]) -> None:
         """Check ``plan_dict`` against the weights, then join the trainer's group at ``host:port`` as rank 1.

@@ -62,14 +62,20 @@ from ipcbridge.vllm.policy import EngineFacts, refusal_reason
 logger = logging.getLogger(__name__)
 
 
-def _check_engine_config(vllm_config: Any, what: str) -> None:
-    """Refuse early, in the driver, what the worker would refuse (Note [what cannot be aliased])."""
+def _check_engine_config(vllm_config: Any, what: str, streaming: bool = False) -> None:
+    """Refuse early, in the driver, what the worker would refuse (Note [what cannot be aliased]).
+
+    ``streaming``: the endpoint is for ``ipcbridge.stream``, which copies into the engine's weights instead
+    of aliasing them, so only the extension is required; the worker still refuses what streaming cannot
+    feed (TP > 1) when asked for its stream layout."""
     ext = getattr(vllm_config.parallel_config, "worker_extension_cls", "") or ""
     if not is_ipcbridge_extension(ext):
         raise BridgeError(
             f"this {what} was started without ipcbridge's worker extension (worker_extension_cls={ext!r}); "
             f"start it with worker_extension_cls={EXTENSION_QUALNAME!r} so the worker can export its weights"
         )
+    if streaming:
+        return
     # The environment is the worker's own concern (it checks its PYTORCH_CUDA_ALLOC_CONF itself).
     reason = refusal_reason(EngineFacts.from_vllm_config(vllm_config, environ={}))
     if reason:
@@ -147,8 +153,8 @@ class LLMEndpoint(VllmEndpoint):
     name = "vllm-llm"
 
     def __init__(self, llm: Any, timeout: float | None = 300.0, *, kv_reset: str = "always",
-                 features: VllmFeatures | None = None) -> None:
-        _check_engine_config(llm.llm_engine.vllm_config, "vllm.LLM")
+                 features: VllmFeatures | None = None, streaming: bool = False) -> None:
+        _check_engine_config(llm.llm_engine.vllm_config, "vllm.LLM", streaming)
         self.kv_reset = check_kv_reset(kv_reset)
         self.features = probe_features(llm, llm.llm_engine.vllm_config, features)
         self.llm = llm
@@ -233,8 +239,8 @@ class AsyncLLMEndpoint(VllmEndpoint):
 
     def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop | None = None,
                  timeout: float | None = 600.0, *, kv_reset: str = "always",
-                 features: VllmFeatures | None = None) -> None:
-        _check_engine_config(engine.vllm_config, "AsyncLLM")
+                 features: VllmFeatures | None = None, streaming: bool = False) -> None:
+        _check_engine_config(engine.vllm_config, "AsyncLLM", streaming)
         self.kv_reset = check_kv_reset(kv_reset)
         self.features = probe_features(engine, engine.vllm_config, features)
         self.engine = engine
@@ -320,7 +326,8 @@ async def _pause_engine_core(engine: Any, features: VllmFeatures) -> None:
 
 def endpoint_for(target: Any, **options: Any) -> LLMEndpoint | AsyncLLMEndpoint:
     """The endpoint for a ``vllm.LLM`` or ``AsyncLLM`` (``ipcbridge.connect`` calls this); ``options`` (e.g.
-    ``kv_reset="salted"``) go to the endpoint's constructor."""
+    ``kv_reset="salted"``, or ``streaming=True`` for ``ipcbridge.stream``, which skips the aliasing-only
+    refusals) go to the endpoint's constructor."""
     from vllm import LLM
     from vllm.v1.engine.async_llm import AsyncLLM
 

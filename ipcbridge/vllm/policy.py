@@ -12,7 +12,9 @@ Note [what cannot be aliased]
     PyTorch), tensor/pipeline parallelism (each worker holds a shard), quantized weights (packed integer or
     fp8 tensors a trainer cannot step), CPU-offloaded weights (copied to the GPU per step: nothing stable to
     alias), and architectures the mapper has no table for. Each reason names the way out, and all of them
-    are reported together, so one restart fixes every setting.
+    are reported together, so one restart fixes every setting. Where only the memory or the sharding
+    stands in the way (sleep mode, ``expandable_segments``, TP/PP > 1), the way out includes
+    ``ipcbridge.stream(engine, model)`` (:data:`STREAM`), which copies instead of aliasing.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ logger = logging.getLogger(__name__)
 COPY_SYNC = (
     "copy-based weight sync (the trainer keeps its own weights and the worker copies them in with "
     "model.load_weights)"
+)
+#: The way out where only the memory or the sharding stands in the way: ipcbridge streams the trainer's own
+#: weights into the engine's (on its GPU through a shared buffer, from another GPU over NCCL).
+STREAM = (
+    "ipcbridge.stream(engine, model): the trainer keeps its own weights and streams them into the engine's "
+    "after each step, with the same update() fence (docs/nccl-fallback.md)"
 )
 
 
@@ -139,13 +147,13 @@ def _memory_reasons(facts: EngineFacts) -> list[str]:
             f"the engine runs with {setting}, so its weights live in vLLM's cumem allocator (cuMemCreate "
             "memory), which legacy CUDA IPC cannot export. Start vLLM without enable_sleep_mode / "
             "enable_cumem_allocator (no --enable-sleep-mode); to keep the engine idle while training, "
-            "pause it instead of putting it to sleep"
+            f"pause it instead of putting it to sleep. Or keep sleep mode and use {STREAM}"
         )
     if _expandable_segments_on(facts.alloc_conf):
         reasons.append(
             "the engine process runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; such memory "
             "cannot be exported through legacy CUDA IPC. Unset it (or set expandable_segments:False) in the "
-            "environment that starts vLLM; the trainer may keep it"
+            f"environment that starts vLLM; the trainer may keep it. Or keep it and use {STREAM}"
         )
     if facts.weight_devices and set(facts.weight_devices) != {"cuda"}:
         reasons.append(
@@ -164,7 +172,8 @@ def _model_reasons(facts: EngineFacts) -> list[str]:
             f"the engine is sharded (tensor_parallel_size={facts.tensor_parallel_size}, "
             f"pipeline_parallel_size={facts.pipeline_parallel_size}); ipcbridge attaches one unsharded "
             "model for now. Start vLLM with tensor_parallel_size=1 and pipeline_parallel_size=1, or use "
-            f"{COPY_SYNC}"
+            f"{COPY_SYNC}: {STREAM}, with receiver='vllm' and the engine started with "
+            "weight_transfer_config={'backend': 'nccl'} (vLLM's receiver shards on load)"
         )
     if facts.quantization:
         reasons.append(

@@ -9,6 +9,7 @@ import pytest
 
 from ipcbridge.vllm.policy import (
     COPY_SYNC,
+    STREAM,
     EngineFacts,
     _expandable_segments_on,
     refusal_reason,
@@ -100,3 +101,23 @@ def test_moe_backends_are_read_off_the_expert_layers() -> None:
     assert moe_backends(nn.Linear(2, 2)) == ()
     with pytest.raises(ValueError, match="moe_backends"):
         EngineFacts(moe_backends=["TRITON"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "facts",
+    [EngineFacts(enable_sleep_mode=True), EngineFacts(enable_cumem_allocator=True),
+     EngineFacts(alloc_conf="expandable_segments:True"), EngineFacts(tensor_parallel_size=2),
+     EngineFacts(pipeline_parallel_size=2)],
+)
+def test_refusals_of_memory_or_sharding_point_to_the_stream(facts: EngineFacts) -> None:
+    msg = refusal_reason(facts)
+    assert msg is not None and STREAM in msg and "ipcbridge.stream(engine, model)" in msg
+    if facts.tensor_parallel_size > 1:
+        assert "receiver='vllm'" in msg and "weight_transfer_config" in msg
+
+
+def test_refusals_streaming_cannot_fix_do_not_point_to_it() -> None:
+    for facts in (EngineFacts(quantization="awq"), EngineFacts(weight_devices=("cpu",)),
+                  EngineFacts(moe_backends=("FLASHINFER_CUTLASS",))):
+        msg = refusal_reason(facts)
+        assert msg is not None and STREAM not in msg

@@ -11,7 +11,14 @@ through ipcbridge's (``receiver="ipcbridge"``):
 - faults: a model that does not fit (names/shapes) -> ``BridgeError`` and the engine serves on; a trainer that
   stalls mid-push past the timeout -> ``BridgeError`` on the trainer and the engine serves on.
 
-Run: ``PYTHONPATH=. NCCL_NVLS_ENABLE=0 python -m pytest -m vllm tests/vllm/test_vllm_stream.py -q -s``.
+One GPU is enough for the last test (issue 12, item 2): a sleep-mode ``vllm.LLM`` on the trainer's own GPU,
+which ``connect()`` refuses, fed through the trainer's shared CUDA IPC buffer (``receiver`` picked by itself):
+asleep it is refused, then sleep/wake cycles (level 1 and 2) with fenced steps in between; vLLM's greedy
+continuation equals the trainer model's after each.
+
+Run: ``PYTHONPATH=. NCCL_NVLS_ENABLE=0 timeout 580 python -m pytest -m vllm tests/vllm/test_vllm_stream.py -q -s``
+(``-k sleep`` for the one-GPU test alone). Every test is bounded (:func:`bounded`): a hang dumps the stacks
+and ends the run instead of eating the device budget.
 """
 
 from __future__ import annotations
@@ -36,6 +43,29 @@ from ipcbridge.stream.stock import StockStreamBridge
 from tests.vllm import vllm_helpers as H
 
 pytestmark = [pytest.mark.vllm, pytest.mark.gpu]
+
+#: No test, and no engine start, may take longer; past it the stacks are dumped and the run ends.
+TEST_LIMIT_S = 420
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float = TEST_LIMIT_S) -> Iterator[None]:
+    """A hung collective blocks in C++, where no Python timeout reaches: end the process with every
+    thread's stack (faulthandler) rather than hang until the device's limit. vLLM's children and ``vllm
+    serve`` (its own session) then die with their parent's pipes, or with the machine at its next start."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(autouse=True)
+def bounded() -> Iterator[None]:
+    with time_limit():
+        yield
 
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [300, 301, 302]]
 N_TOKENS = 12
@@ -125,7 +155,7 @@ def llm():
     from ipcbridge.vllm.extension import EXTENSION_QUALNAME
 
     model_dir = write_model_dir(H.tiny_config("llama"), tempfile.mkdtemp(prefix="ipcbridge-stream-"))
-    with visible_devices("1"):
+    with visible_devices("1"), time_limit():
         engine = LLM(model=model_dir, load_format="dummy", enforce_eager=True, skip_tokenizer_init=True,
                      attention_backend="TRITON_ATTN", gpu_memory_utilization=0.3, max_model_len=512, seed=0,
                      dtype="bfloat16", num_gpu_blocks_override=4096, worker_extension_cls=EXTENSION_QUALNAME,
@@ -194,10 +224,12 @@ def test_llm_trainer_stalling_mid_push_fails_cleanly_and_engine_serves(llm: Any)
 
     sb._pack = stalling_pack  # type: ignore[method-assign]
     t0 = time.monotonic()
-    with pytest.raises(BridgeError):
-        sb.push()
+    try:
+        with pytest.raises(BridgeError):
+            sb.push()
+    finally:
+        sb.close()
     H.record("llm_stall", seconds=round(time.monotonic() - t0, 1))
-    sb.close()
     with ipcbridge.stream(llm, model, receiver="ipcbridge", timeout=TIMEOUT) as again:
         again.push()
         check_greedy(llm_generate(llm), model, "llm_after_stall", strict=False)
@@ -291,3 +323,61 @@ def test_serve_model_that_does_not_fit_is_refused_and_server_serves(server: str)
     with ipcbridge.stream(server, model, receiver="vllm", timeout=TIMEOUT) as sb:
         sb.push()
         check_greedy(serve_generate(server), model, "serve_after_mismatch", strict=False)
+
+
+# ---- one GPU: a sleep-mode vllm.LLM beside the trainer, through the shared buffer -------------------------
+
+
+@pytest.fixture(scope="module")
+def sleepy_llm():
+    H.require_vllm()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    from vllm import LLM
+
+    from ipcbridge.hf import write_model_dir
+    from ipcbridge.vllm.extension import EXTENSION_QUALNAME
+
+    model_dir = write_model_dir(H.tiny_config("llama"), tempfile.mkdtemp(prefix="ipcbridge-stream-sleep-"))
+    torch.zeros(1, device="cuda:0")  # CUDA up here before vLLM spawns its EngineCore
+    # The trainer's GPU (cuda:0 here): the first visible one, as the engine's child must see it.
+    with visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0] or "0"), time_limit():
+        engine = LLM(model=model_dir, load_format="dummy", enforce_eager=True, skip_tokenizer_init=True,
+                     attention_backend="TRITON_ATTN", gpu_memory_utilization=0.25, max_model_len=512, seed=0,
+                     dtype="bfloat16", num_gpu_blocks_override=4096, worker_extension_cls=EXTENSION_QUALNAME,
+                     enable_sleep_mode=True)
+    yield engine
+    with contextlib.suppress(Exception):
+        engine.llm_engine.engine_core.shutdown()
+
+
+def test_sleep_mode_llm_on_the_trainers_gpu_streams_through_the_shared_buffer(sleepy_llm: Any) -> None:
+    require_ipcbridge_receiver()
+    from ipcbridge.stream.ipc import IpcStreamBridge
+
+    with pytest.raises(BridgeError, match=r"enable_sleep_mode=True.*ipcbridge\.stream\(engine, model\)"):
+        ipcbridge.connect(sleepy_llm)
+    model = trainer_model(H.tiny_config("llama"), seed=7)
+    generate = llm_generate(sleepy_llm)
+    before = torch.cuda.memory_allocated(0)
+    sleepy_llm.sleep(level=1)
+    with ipcbridge.stream(sleepy_llm, model, timeout=TIMEOUT) as sb:  # the worker is on this GPU: picked by itself
+        assert isinstance(sb, IpcStreamBridge) and sb.backend == "ipc", type(sb)
+        H.record("sleep_ipc_open", buffer_bytes=sb.plan.buffer_bytes, buckets=len(sb.plan.buckets),
+                 trainer_extra=torch.cuda.memory_allocated(0) - before)
+        with pytest.raises(BridgeError, match="asleep"):
+            sb.push()  # nothing is written into unmapped weights
+        sleepy_llm.wake_up()
+        sb.push()
+        check_greedy(generate, model, "sleep_ipc_push", strict=False)
+        fenced_step_and_check(sb, generate, "sleep_ipc_step", target=31)
+        for level in (1, 2):  # level 2 discards the weights: only the stream brings them back
+            sleepy_llm.sleep(level=level)
+            sleepy_llm.wake_up()
+            sb.push()
+            check_greedy(generate, model, f"sleep_ipc_after_level{level}", strict=False)
+            fenced_step_and_check(sb, generate, f"sleep_ipc_step_after_level{level}", target=40 + level)
+        flat = torch.cuda.memory_allocated(0)
+        for _ in range(20):
+            sb.push()
+        H.record("sleep_ipc_flat", drift=torch.cuda.memory_allocated(0) - flat, pushes=20)
+        assert torch.cuda.memory_allocated(0) == flat
