@@ -179,7 +179,7 @@ class ManifestEndpoint(InProcessLeases):
 #: Endpoint factories by target kind, as "module:attribute" strings (imported on first use).
 ENDPOINTS: dict[str, str] = {
     "http": "ipcbridge.vllm.http:HttpEndpoint",
-    "vllm": "ipcbridge.vllm.endpoints:endpoint_for",
+    "vllm": "ipcbridge.vllm.inprocess:endpoint_for",  # in-process LLM (TRL colocate), else cross-process
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ipcbridge.engine import protocol
-from ipcbridge.engine.inputs import Limits, engine_device, engine_dtype
+from ipcbridge.engine.inputs import Limits, Sampling, engine_device, engine_dtype
 from ipcbridge.engine.types import GenerateOutput
 from ipcbridge.errors import EngineError, IpcBridgeError, MappingError, error_type
 from ipcbridge.fence import Lease, caller_id
@@ -217,17 +217,29 @@ class LocalEngine:
     # -- API -----------------------------------------------------------------------------------------
 
     def generate(
-        self, prompts: list[list[int]], max_tokens: int = 16, temperature: float = 0.0, seed: int | None = None
+        self, prompts: list[list[int]], max_tokens: int = 16, temperature: float = 0.0, seed: int | None = None,
+        *, n: int = 1, top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | tuple[int, ...] = (),
+        ignore_eos: bool = True, logprobs: str = "raw",
     ) -> list[GenerateOutput]:
         """Complete each prompt (token ids). Greedy at ``temperature=0``; ``seed`` makes sampling repeatable.
 
+        vLLM's sampling knobs, with vLLM's meanings (Note [sampling like vLLM] in
+        :mod:`ipcbridge.engine.inputs`): ``n`` completions per prompt (returned prompt-major:
+        ``len(prompts) * n`` outputs), ``top_p``, ``top_k`` (0 or -1: off), ``stop_token_ids``,
+        ``ignore_eos=False`` to also stop at the model's EOS ids (from its generation config), and
+        ``logprobs="processed"`` for logprobs after the temperature (default ``"raw"``).
+
         Each prompt plus ``max_tokens`` must fit the model's context (``max_position_embeddings``): checked
-        here, before anything is sent, and again by the engine (``EngineError`` naming the argument).
+        here, before anything is sent, and again by the engine (``RequestError`` naming the argument).
         """
+        sampling = Sampling(n=n, top_p=top_p, top_k=top_k, stop_token_ids=tuple(stop_token_ids)
+                            if isinstance(stop_token_ids, (list, tuple)) else stop_token_ids,
+                            ignore_eos=ignore_eos, logprobs=logprobs)
         if self.limits is not None:
-            self.limits.check_generate(prompts, max_tokens, temperature, seed)
+            self.limits.check_generate(prompts, max_tokens, temperature, seed, sampling)
         result = self._waiting_call(
-            "generate", {"prompts": prompts, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+            "generate", {"prompts": prompts, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
+                         "sampling": sampling.to_dict()},
         )
         return [GenerateOutput(**r) for r in result]
 

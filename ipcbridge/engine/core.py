@@ -16,6 +16,14 @@ Note [pause gate]
     No generation holds the gate or the forward lock past its own deadline (Note [bounded requests] in
     :mod:`ipcbridge.engine.inputs`), so neither can a pause's wait for in-flight work.
 
+Note [n rows, one prefill]
+    A request for ``n`` completions of one prompt prefills it once (or takes it from the prefix cache) and
+    decodes the ``n`` rows as one batch: the rows have one length, so no padding or attention mask enters
+    and each row computes what a single request would. ``n=1`` is exactly the single-row decode. Rows that
+    stopped keep riding along until the last one stops (their tokens are no longer recorded). Prompts of
+    one request run one after another; batching prompts of different lengths would need padding, which
+    changes the numerics the logprobs promise.
+
 Where the trainer cannot map these weights, it streams its own into them: the engine's side of that is
 :class:`ipcbridge.stream.receiver.StreamReceiver` (Note [streamed weights] there).
 """
@@ -33,7 +41,8 @@ from typing import Any
 
 import torch
 
-from ipcbridge.engine.inputs import DEFAULT_DEADLINE_SECONDS, Budget, Limits
+from ipcbridge.engine.inputs import DEFAULT_DEADLINE_SECONDS, Budget, Limits, Sampling
+from ipcbridge.engine.sampling import eos_token_ids, sample_tokens
 from ipcbridge.errors import EngineError
 from ipcbridge.fence import Lease, LeaseGate
 from ipcbridge.hf import load_hf_state_dict
@@ -66,6 +75,8 @@ class Engine:
         self.model = ipcbridge.attach(self.weights, config)
         self.model.requires_grad_(False)
         self.limits = Limits.of_config(self.model.config)
+        #: What ``ignore_eos=False`` stops at: the generation config's EOS ids (Note [sampling like vLLM]).
+        self.eos_token_ids = eos_token_ids(config, source)
         self.device = torch.device(device)
         self.version = 0
         self.gate = LeaseGate(self._publish, name=f"the embedded engine (pid {os.getpid()})")
@@ -110,37 +121,49 @@ class Engine:
         return out.past_key_values, logits
 
     @torch.inference_mode()
-    def generate_one(self, prompt: list[int], max_tokens: int, temperature: float,
-                     generator: torch.Generator | None, budget: Budget) -> dict[str, Any]:
+    def generate_one(self, prompt: list[int], max_tokens: int, temperature: float, sampling: Sampling,
+                     generator: torch.Generator | None, budget: Budget) -> list[dict[str, Any]]:
+        """``sampling.n`` completions of ``prompt``, decoded as one batch over one prefill (Note [n rows, one
+        prefill]). Each row stops at its own stop token; the batch stops when every row has."""
         budget.check("generate")
         cache, logits = self._prefill(prompt)
-        tokens: list[int] = []
-        logprobs: list[float] = []
+        n = sampling.n
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        logits = logits.unsqueeze(0).expand(n, -1)
+        stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
+        rows: list[dict[str, Any]] = [{"token_ids": [], "logprobs": [], "weight_version": self.version,
+                                       "finish_reason": "length"} for _ in range(n)]
+        live = list(range(n))
         for i in range(max_tokens):
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            if temperature <= 0:
-                tok = int(torch.argmax(lp))
-            else:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                tok = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-            tokens.append(tok)
-            logprobs.append(float(lp[tok]))
-            if i + 1 < max_tokens:
-                budget.check("generate")  # between decode steps: Note [bounded requests]
-                out = self.model(torch.tensor([[tok]], device=self.device), past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[0, -1]
-        return {"token_ids": tokens, "logprobs": logprobs, "weight_version": self.version}
+            toks, lps = sample_tokens(logits, temperature, sampling, generator)
+            for r in list(live):
+                rows[r]["token_ids"].append(int(toks[r]))
+                rows[r]["logprobs"].append(float(lps[r]))
+                if int(toks[r]) in stops:
+                    rows[r]["finish_reason"] = "stop"
+                    live.remove(r)
+            if not live or i + 1 == max_tokens:
+                break
+            budget.check("generate")  # between decode steps: Note [bounded requests]
+            out = self.model(toks[:, None].to(self.device), past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+        return rows
 
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int | None,
-                 wait: float, caller: str = "", budget: Budget | None = None) -> list[dict[str, Any]]:
+                 wait: float, caller: str = "", budget: Budget | None = None,
+                 sampling: Sampling | None = None) -> list[dict[str, Any]]:
+        """``sampling.n`` completions per prompt, prompt-major (vLLM's order for ``n``), all on one version."""
         budget = budget or Budget.start(DEFAULT_DEADLINE_SECONDS)
-        self.limits.check_generate(prompts, max_tokens, temperature, seed)
+        sampling = sampling or Sampling()
+        self.limits.check_generate(prompts, max_tokens, temperature, seed, sampling)
         generator = None
         if temperature > 0:
             generator = torch.Generator().manual_seed(seed if seed is not None else self.stats["requests"])
         with self.gate.enter(caller, min(wait, budget.remaining())), self._forward(budget, "generate"):
             self.stats["requests"] += 1
-            return [self.generate_one(p, max_tokens, temperature, generator, budget) for p in prompts]
+            return [row for p in prompts for row in self.generate_one(p, max_tokens, temperature, sampling,
+                                                                       generator, budget)]
 
     def score(self, prompt: list[int], completion: list[int], wait: float, caller: str = "",
               budget: Budget | None = None) -> list[float]:

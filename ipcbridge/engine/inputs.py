@@ -11,6 +11,18 @@ Note [bounded requests]
         (Note [pause gate] in :mod:`ipcbridge.engine.core`) waits no longer than that either.
       * Cancellation: a client that gave up closes its connection; the engine sees that between decode
         steps and stops generating for nobody.
+      * Fan-out: ``n`` completions per prompt are capped at :data:`MAX_N`, so one request's work stays a
+        bounded multiple of its prompts.
+
+Note [sampling like vLLM]
+    :class:`Sampling` carries the knobs RL frameworks set on vLLM's ``SamplingParams`` (TRL's GRPO among
+    them), with vLLM's names and meanings: ``n`` completions per prompt, ``top_k`` (0 or -1: off),
+    ``top_p``, ``stop_token_ids`` (the stop token is the last one returned), ``ignore_eos`` (else the
+    model's EOS ids from its generation config stop too) and ``logprobs`` as vLLM's ``logprobs_mode``:
+    ``"raw"`` (``log_softmax`` of the model's logits, what ``Bridge.check`` compares) or ``"processed"``
+    (after the temperature, before top-k/top-p: what a trainer that divides its logits by the temperature
+    computes, e.g. TRL's importance-sampling correction). The defaults are the engine's behaviour before
+    these existed: one completion, no filtering, no stopping, raw logprobs.
 """
 
 from __future__ import annotations
@@ -36,6 +48,10 @@ _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 DEFAULT_DEADLINE_SECONDS = 60.0
 #: The dtypes the engine keeps weights in (the names ``python -m ipcbridge.engine.server --dtype`` takes).
 ENGINE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: Completions per prompt one request may ask for (Note [bounded requests]).
+MAX_N = 256
+#: ``Sampling.logprobs`` values (vLLM's ``logprobs_mode`` names, without the suffix).
+LOGPROBS_MODES = ("raw", "processed")
 #: The device types the engine's weights can be shared from: /dev/shm (cpu) and CUDA IPC (cuda).
 ENGINE_DEVICES = ("cpu", "cuda")
 
@@ -167,9 +183,12 @@ class Limits:
     def to_dict(self) -> dict[str, int]:
         return {"context": self.context, "vocab": self.vocab}
 
-    def check_generate(self, prompts: Any, max_tokens: Any, temperature: Any, seed: Any) -> None:
+    def check_generate(self, prompts: Any, max_tokens: Any, temperature: Any, seed: Any,
+                       sampling: Sampling | None = None) -> None:
         """``RequestError`` naming the argument unless a ``generate`` request fits (Note [bounded requests])."""
         check_prompts(prompts)
+        if sampling is not None:
+            sampling.check_vocab(self.vocab)
         check_int(max_tokens, "generate: max_tokens", minimum=1)
         for i, prompt in enumerate(prompts):
             _tokens(prompt, f"generate: prompts[{i}]", self.vocab)
@@ -192,6 +211,57 @@ class Limits:
                 f"score: the prompt ({len(prompt)} tokens) and completion ({len(completion)}) are together longer "
                 f"than the model's context (max_position_embeddings={self.context}); score a shorter sequence"
             )
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample beyond the temperature: Note [sampling like vLLM]. Crosses the control socket as a dict
+    (:meth:`to_dict`); every field is checked here, in the trainer's process and again in the engine."""
+
+    n: int = 1
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = True
+    logprobs: str = "raw"
+
+    def __post_init__(self) -> None:
+        check_int(self.n, "generate: n", minimum=1, maximum=MAX_N)
+        top_p = self.top_p
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+            raise RequestError(f"generate: top_p must be a number in (0, 1], got {top_p!r:.60}")
+        check_int(self.top_k, "generate: top_k", minimum=-1)
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_token(t) and t >= 0
+                                                                        for t in self.stop_token_ids):
+            raise RequestError(f"generate: stop_token_ids must be a list of token ids, got {self.stop_token_ids!r:.80}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"generate: ignore_eos must be a bool, got {self.ignore_eos!r:.60}")
+        if self.logprobs not in LOGPROBS_MODES:
+            raise RequestError(f"generate: logprobs must be one of {LOGPROBS_MODES}, got {self.logprobs!r:.60}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Sampling:
+        """From a request's ``sampling`` argument; ``RequestError`` for anything else than its fields."""
+        if d is None:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise RequestError(f"generate: sampling must be a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise RequestError(f"generate: unknown sampling fields {unknown[:5]}; use the same ipcbridge version in "
+                               "the engine and the trainer")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "top_p": self.top_p, "top_k": self.top_k, "stop_token_ids": list(self.stop_token_ids),
+                "ignore_eos": self.ignore_eos, "logprobs": self.logprobs}
+
+    def check_vocab(self, vocab: int) -> None:
+        bad = [t for t in self.stop_token_ids if t >= vocab]
+        if bad:
+            raise RequestError(f"generate: stop_token_ids {bad[:5]} are outside the model's vocabulary "
+                               f"(vocab_size={vocab})")
 
 
 def _never_gone() -> bool:

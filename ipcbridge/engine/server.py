@@ -34,7 +34,7 @@ import torch
 
 from ipcbridge import wire
 from ipcbridge.engine import protocol
-from ipcbridge.engine.inputs import DEFAULT_DEADLINE_SECONDS, Budget, check_int, check_number
+from ipcbridge.engine.inputs import DEFAULT_DEADLINE_SECONDS, Budget, Sampling, check_int, check_number
 from ipcbridge.errors import EngineError, FenceError, IpcBridgeError
 from ipcbridge.fence import Lease
 
@@ -168,9 +168,10 @@ def _budget(args: dict[str, Any], op: str, gone: Any) -> tuple[float, str, Budge
 def _generation_ops(engine: Any, op: str, args: dict[str, Any], gone: Any) -> Any:
     wait, caller, budget = _budget(args, op, gone)
     if op == "generate":
+        sampling = Sampling.from_dict(_arg(args, op, "sampling", (dict, type(None)), None))
         return engine.generate(_arg(args, op, "prompts", list), _arg(args, op, "max_tokens", int, 16),
                                _arg(args, op, "temperature", (int, float), 0.0), _arg(args, op, "seed", (int, type(None)), None),
-                               wait, caller, budget)
+                               wait, caller, budget, sampling)
     return engine.score(_arg(args, op, "prompt", list), _arg(args, op, "completion", list), wait, caller, budget)
 
 

@@ -43,6 +43,7 @@ from transformers import Trainer, TrainerCallback
 
 from ipcbridge.bridge import Bridge
 from ipcbridge.errors import BridgeError
+from ipcbridge.integrations import refuse_second_engine
 
 #: The Trainer's private methods that write the weights outside the optimizer step (transformers 5.x;
 #: Note [the Trainer's other weight writes]).
@@ -110,6 +111,8 @@ class BridgeCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         trainer = self._prepare(args, model)
+        # Here, not in on_init_end: TRL builds its own vLLM engine after that has fired.
+        refuse_second_engine(trainer, self.bridge)
         if self.bridge.unfenced_writes():
             # Weights written before training began, outside any fence: publish them now (the engine drops
             # its stale KV and moves its version); update() logs which.

@@ -1,0 +1,95 @@
+"""TRL's colocate shape: a vllm.LLM whose worker runs in the trainer's own process, attached without IPC.
+
+On CPU the LLM is a duck-typed stand-in with vLLM's in-process structure (``llm_engine.model_executor
+.driver_worker.worker.model_runner.model``) holding vLLM-layout parameters; the real one runs in
+``test_trl_inprocess_gpu`` (``-m vllm``) and ``benchmarks/bench_trl.py``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import ipcbridge
+from ipcbridge import BridgeError
+from ipcbridge.vllm import inprocess
+from tests.helpers import reference_model, tiny_config, vllm_weights
+
+
+def _module(weights: dict[str, torch.Tensor]) -> nn.Module:
+    """An nn.Module tree whose named_parameters() are ``weights`` (vLLM names), as vLLM's model."""
+    root = nn.Module()
+    for name, t in weights.items():
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
+    return root
+
+
+class _FakeLLM:
+    def __init__(self, config, multiprocess: bool = False) -> None:
+        self.model = _module(vllm_weights(reference_model(config), config))
+        worker = SimpleNamespace(model_runner=SimpleNamespace(model=self.model))
+        mc = SimpleNamespace(hf_config=config, quantization=None, enable_sleep_mode=False)
+        pc = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1)
+        executor = None if multiprocess else SimpleNamespace(driver_worker=SimpleNamespace(worker=worker))
+        self.llm_engine = SimpleNamespace(model_executor=executor,
+                                          vllm_config=SimpleNamespace(model_config=mc, parallel_config=pc))
+        self.resets = 0
+
+    def reset_prefix_cache(self) -> None:
+        self.resets += 1
+
+
+@pytest.fixture
+def allow_cpu(monkeypatch):
+    # The policy refuses CPU weights for real vLLM (offloading); the stand-in's weights are on the CPU.
+    monkeypatch.setattr(inprocess, "refusal_reason", lambda facts: None)
+
+
+def test_attaches_to_the_very_tensors_and_fences(allow_cpu) -> None:
+    cfg = tiny_config("qwen2", tied=True)
+    llm = _FakeLLM(cfg)
+    bridge = ipcbridge.connect(inprocess.endpoint_for(llm))
+    try:
+        served = dict(llm.model.named_parameters())
+        qkv = served["model.layers.0.self_attn.qkv_proj.weight"]
+        q = bridge.model.model.layers[0].self_attn.q_proj.weight
+        assert q.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+        assert bridge.trainer_weight_bytes() == 0 and bridge.parameters_outside_engine() == []
+        opt = torch.optim.SGD(bridge.model.parameters(), lr=1.0)
+        q.grad = torch.ones_like(q)
+        before = qkv[0, 0].item()
+        with bridge.update():
+            opt.step()
+        assert qkv[0, 0].item() == pytest.approx(before - 1.0)  # the engine's own tensor moved
+        assert llm.resets == 1 and bridge.weight_version == 1 == inprocess.inprocess_worker(llm)._ipcbridge_weight_version
+        # a second bridge continues the engine's version sequence, shares its gate
+        other = ipcbridge.connect(inprocess.endpoint_for(llm))
+        with other.update():
+            pass
+        assert other.weight_version == 2
+        other.close()
+    finally:
+        bridge.close()
+
+
+def test_a_multiprocess_llm_is_not_in_process() -> None:
+    llm = _FakeLLM(tiny_config("llama"), multiprocess=True)
+    assert inprocess.inprocess_worker(llm) is None
+    with pytest.raises(BridgeError, match="another process"):
+        inprocess.InProcessLLMEndpoint(llm)
+
+
+def test_the_policy_still_refuses(monkeypatch) -> None:
+    llm = _FakeLLM(tiny_config("llama"))
+    llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size = 2
+    with pytest.raises(BridgeError, match="tensor"):
+        inprocess.InProcessLLMEndpoint(llm)
