@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,11 +139,13 @@ def _line(r: dict[str, Any]) -> str:
     return f"| {r['arch']:12s} | {what} | {r.get('seconds', 0):6.1f} s |"
 
 
-def run_all(archs: list[str], jobs: int, timeout: float, out: str) -> int:
+def run_all(archs: list[str], jobs: int, timeout: float, out: str, logs: str | None = None) -> int:
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="derive-check-") as d, ThreadPoolExecutor(jobs) as pool:
+    with tempfile.TemporaryDirectory(prefix="derive-check-") as tmp, ThreadPoolExecutor(jobs) as pool:
+        d = logs or tmp  # per-architecture logs survive the run when --logs names a folder
+        os.makedirs(d, exist_ok=True)
         futures = {pool.submit(_child, a, d, timeout): a for a in archs}
-        for fut in futures:
+        for fut in as_completed(futures):  # each row as soon as it is known: a hung one cannot hide the rest
             rows.append(fut.result())
             print(_line(rows[-1]), flush=True)
             with open(out, "w") as f:
@@ -190,7 +192,8 @@ def main() -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--archs", default=",".join(TABLE_ARCHS + DERIVED_ARCHS))
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per architecture's process")
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds per architecture's process")
+    ap.add_argument("--logs", help="keep each architecture's log (and result) in this folder")
     ap.add_argument("--one", help="the per-architecture worker: check this one, in this process")
     ap.add_argument("--cpu-memory", action="store_true")
     args = ap.parse_args()
@@ -211,7 +214,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(row, f, indent=1, default=str)
         return 0 if row.get("ok") else 1
-    return run_all([a for a in args.archs.split(",") if a], max(1, args.jobs), args.timeout, args.json)
+    return run_all([a for a in args.archs.split(",") if a], max(1, args.jobs), args.timeout, args.json, args.logs)
 
 
 if __name__ == "__main__":
