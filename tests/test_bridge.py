@@ -30,6 +30,30 @@ def test_unknown_target_names_the_accepted_ones() -> None:
         ipcbridge.connect(object())
 
 
+def test_kv_reset_is_refused_for_targets_that_are_not_vllm_before_anything_is_attached() -> None:
+    cfg = tiny_config("llama")
+    manifest = ipcbridge.export(vllm_weights(reference_model(cfg), cfg), cfg)
+    with pytest.raises(BridgeError, match=r"kv_reset='salted' applies to a vllm\.LLM"):
+        ipcbridge.connect(manifest, kv_reset="salted")
+
+
+def test_kv_reset_reaches_the_http_endpoint_and_is_validated_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_http(url: str, **options: object) -> object:
+        seen.update(url=url, **options)
+        raise BridgeError("stop here")
+
+    monkeypatch.setattr("ipcbridge.endpoints._load", lambda path: fake_http)
+    with pytest.raises(BridgeError, match="stop here"):
+        resolve_endpoint("http://127.0.0.1:1", kv_reset="salted")
+    assert seen == {"url": "http://127.0.0.1:1", "kv_reset": "salted"}
+    seen.clear()
+    with pytest.raises(BridgeError, match="stop here"):
+        resolve_endpoint("http://127.0.0.1:1")
+    assert seen == {"url": "http://127.0.0.1:1"}  # no kv_reset given: the endpoint keeps its own default
+
+
 def test_endpoints_are_registered_by_module_path() -> None:
     for path in ENDPOINTS.values():
         module, _, attr = path.partition(":")
