@@ -32,17 +32,23 @@ TESTING_EXTENSION_QUALNAME = "ipcbridge.vllm.testing.TestingWorkerExtension"
 
 @torch.no_grad()
 def init_weights_(model: nn.Module, seed: int = 0, std: float = 0.02) -> int:
-    """HF-style init in place: norms 1, biases 0, the rest N(0, ``std``) from ``seed``. Returns the count.
+    """HF-style init in place: norms 1 (Gemma's (1 + w) norms 0), biases 0, the rest N(0, ``std``) from
+    ``seed``. Returns the count.
 
     vLLM's dummy weights are uniform in [-1e-3, 1e-3], norms included, so every logit is ~0 and every
     greedy choice a near-tie; tests and demos need weights that say something. Writes into ``model``'s own
     parameters (the engine's memory when run in the worker or through a bridge's views).
     """
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    # Gemma's RMSNorms scale by (1 + w): HF initialises their w to 0. Filling 1 would double the gain of every
+    # norm, doubling the logits' spread and the bf16 error with it (docs/mapping.md, the gemma3 section).
+    gemma_norms = {f"{m}.{p}" if m else p for m, mod in model.named_modules()
+                   if "Gemma" in type(mod).__name__ and "RMSNorm" in type(mod).__name__
+                   for p, _ in mod.named_parameters(recurse=False)}
     n = 0
     for name, p in model.named_parameters():
         if p.dim() == 1 and "norm" in name:
-            p.fill_(1.0)
+            p.fill_(0.0 if name in gemma_norms else 1.0)
         elif name.endswith("bias"):
             p.zero_()
         else:
