@@ -28,11 +28,28 @@ Note [sync_weights is a check]
     would silently train a copy); nothing was written outside a fence (if so, publish it now); and the
     engine serves the version the trainer last published (another writer would make the completions
     off-policy without TRL knowing). The embedded engine also stamps every completion with its version,
-    and :meth:`BridgeGeneration.generate` checks those too.
+    and :meth:`BridgeGeneration.generate` checks those too, as it does vLLM's (0.32+ in-process, 0.33+ over
+    HTTP).
+
+Note [three engines, one generation class]
+    What ``ipcbridge.connect`` reached decides how :class:`BridgeGeneration` generates, with TRL's settings:
+
+    * a ``vllm.LLM``, whether its worker runs in this process (TRL's colocate shape,
+      ``distributed_executor_backend="external_launcher"``) or in vLLM's EngineCore child (the default V1
+      multiprocessing, attached through the worker extension and CUDA IPC): TRL's own colocate path,
+      ``self.llm.generate(prompts, SamplingParams(...))``, on that ``LLM``. ``LLM.generate`` hands the
+      request to the EngineCore wherever it runs, so both shapes are one path; only the fence differs (a
+      direct call in-process, ``collective_rpc`` to the extension otherwise). ``self.llm`` is the ``LLM``
+      behind :class:`_VersionedLLM`, which salts TRL's prompts under ``kv_reset="salted"``.
+    * ``vllm serve`` by URL: ``POST /v1/completions`` from token ids (:mod:`ipcbridge.integrations.trl_serve`,
+      Note [TRL's generate over HTTP]). TRL's server mode (``trl vllm-serve``, TRL's own server with its
+      NCCL weight transfer) is not this: its weights are a copy by design.
+    * the embedded ``LocalEngine``: the same settings to ``LocalEngine.generate``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -50,8 +67,11 @@ from trl.trainer import grpo_trainer as _grpo_module
 
 from ipcbridge.bridge import Bridge
 from ipcbridge.errors import BridgeError
-from ipcbridge.integrations import refuse_second_engine
+from ipcbridge.integrations import refuse_second_engine, trl_serve
 from ipcbridge.integrations.hf_trainer import BridgeCallback
+from ipcbridge.integrations.trl_serve import in_runs as _in_runs
+from ipcbridge.vllm.endpoints import output_weight_version
+from ipcbridge.vllm.http import HttpEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +114,11 @@ def check_trl() -> None:
 
 
 def _engine_of(bridge: Bridge) -> tuple[str, Any]:
-    """("local", LocalEngine) or ("vllm", vllm.LLM): who generates for TRL. ``BridgeError`` otherwise."""
+    """("local", LocalEngine), ("vllm", vllm.LLM) or ("http", HttpEndpoint): who generates for TRL (Note
+    [three engines, one generation class]). ``BridgeError`` otherwise."""
     endpoint = bridge.endpoint
+    if isinstance(endpoint, HttpEndpoint):
+        return "http", endpoint
     llm = getattr(endpoint, "llm", None)
     if llm is not None:
         return "vllm", llm
@@ -104,8 +127,8 @@ def _engine_of(bridge: Bridge) -> tuple[str, Any]:
         return "local", engine
     raise BridgeError(
         f"ipcbridge's GRPOTrainer generates through the bridge's engine, and cannot generate with a "
-        f"{endpoint.name!r} endpoint; connect to a LocalEngine or a vllm.LLM (in this process, TRL's colocate "
-        "shape, or its own engine process)"
+        f"{endpoint.name!r} endpoint; connect to a LocalEngine, a vllm.LLM (in this process, TRL's colocate "
+        "shape, or its own engine process) or a vllm serve URL"
     )
 
 
@@ -150,9 +173,8 @@ class BridgeGeneration(VLLMGeneration):
     """TRL's ``VLLMGeneration`` whose engine is the bridge's: no engine of its own, no weight copy.
 
     TRL constructs it (Note [one generation class, swapped for one constructor call]) with its usual
-    arguments. With a ``vllm.LLM`` behind the bridge, generation is TRL's own colocate path on that
-    ``LLM``; with the embedded engine, the same settings go to ``LocalEngine.generate``. ``sync_weights``
-    is a check (Note [sync_weights is a check]); ``sync_seconds`` records how long each took.
+    arguments, and generates where the bridge connected (Note [three engines, one generation class]).
+    ``sync_weights`` is a check (Note [sync_weights is a check]); ``sync_seconds`` records how long each took.
     """
 
     def __init__(self, bridge: Bridge, *args: Any, **kwargs: Any) -> None:
@@ -172,15 +194,22 @@ class BridgeGeneration(VLLMGeneration):
                 "GRPOConfig(vllm_tensor_parallel_size > 1 or vllm_enable_sleep_mode=True): the bridge's engine is "
                 "already running on one GPU and sleep mode would free the weights the trainer aliases; unset both"
             )
-        self.llm = self.engine if self.kind == "vllm" else None
+        self.llm = None
         if self.kind == "local":
             self._check_local_settings()
+        elif self.kind == "http":
+            self.completion_settings = trl_serve.CompletionSettings(
+                self.max_completion_length, self.temperature, self.top_p, self.top_k, self.min_p,
+                self.repetition_penalty, self.logprobs, self.structured_outputs_regex, dict(self.generation_kwargs))
+            _warn_logprobs_mode(trl_serve.served_logprobs_mode(self.engine), "vllm serve --logprobs-mode "
+                                "processed_logprobs")
         else:
-            mode = getattr(self.llm.llm_engine.vllm_config.model_config, "logprobs_mode", None)
-            if mode is not None and str(getattr(mode, "value", mode)) != "processed_logprobs":
-                logger.warning("the vLLM engine runs with logprobs_mode=%s, which biases TRL's importance-sampling "
-                               "correction; start it with logprobs_mode='processed_logprobs' (colocated_llm does)",
-                               mode)
+            mode = getattr(self.engine.llm_engine.vllm_config.model_config, "logprobs_mode", None)
+            _warn_logprobs_mode(None if mode is None else str(getattr(mode, "value", mode)),
+                                "logprobs_mode='processed_logprobs' (colocated_llm does)")
+            endpoint = self.bridge.endpoint
+            salted = getattr(endpoint, "kv_reset", "always") == "salted"
+            self.llm = _VersionedLLM(self.engine, endpoint if salted else None, self.bridge)
         self.accelerator.wait_for_everyone()
 
     def _check_local_settings(self) -> None:
@@ -210,6 +239,10 @@ class BridgeGeneration(VLLMGeneration):
         if self.kind == "vllm":
             self.mode = "colocate"  # TRL's in-process path: ``self.llm.generate`` with TRL's SamplingParams
             return super().generate(prompts, None, num_generations, profiler)
+        if self.kind == "http":
+            with profiler or contextlib.nullcontext():
+                return trl_serve.generate(self.engine, self.completion_settings, prompts, num_generations,
+                                          self.bridge.weight_version, self.server_timeout)
         return self._generate_local(prompts, num_generations)
 
     def _generate_local(self, prompts: list[list[int]], num_generations: int) -> tuple[Any, Any, Any, Any]:
@@ -235,11 +268,37 @@ class BridgeGeneration(VLLMGeneration):
         return [list(p) for p in prompts], completion_ids, logprobs, token_ids
 
 
-def _in_runs(prompts: list[list[int]], g: int) -> bool:
-    """Whether ``prompts`` is runs of ``g`` equal prompts (how TRL repeats each prompt for its group)."""
-    if g <= 1 or len(prompts) % g:
-        return False
-    return all(list(prompts[i]) == list(prompts[i - i % g]) for i in range(len(prompts)))
+def _warn_logprobs_mode(mode: str | None, fix: str) -> None:
+    if mode is not None and mode != "processed_logprobs":
+        logger.warning("the vLLM engine computes logprobs_mode=%s, which biases TRL's importance-sampling correction "
+                       "(it compares them with logprobs after the temperature); start it with %s", mode, fix)
+
+
+class _VersionedLLM:
+    """The ``vllm.LLM`` TRL's colocate path calls, with two additions to ``generate`` (everything else is the
+    ``LLM``'s own): each prompt carries the endpoint's ``cache_salt`` where the bridge was connected with
+    ``kv_reset="salted"`` (TRL's prompts carry none, and without the per-fence reset an unsalted prompt could
+    hit KV of the old weights: Note [stale KV: reset or salt]), and where vLLM stamps outputs with weight
+    versions (0.32+) each must be the trainer's."""
+
+    def __init__(self, llm: Any, salting: Any, bridge: Bridge) -> None:
+        self._llm, self._salting, self._bridge = llm, salting, bridge
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def generate(self, prompts: list[dict[str, Any]], *args: Any, **kwargs: Any) -> Any:
+        if self._salting is not None:
+            salt = self._salting.cache_salt()
+            prompts = [{**p, "cache_salt": salt} for p in prompts]
+        outputs = self._llm.generate(prompts, *args, **kwargs)
+        version = self._bridge.weight_version
+        for out in outputs:
+            for c in out.outputs:
+                if output_weight_version(c, version) != version:
+                    raise BridgeError(f"vLLM sampled a completion with weight version {output_weight_version(c, -1)}, "
+                                      f"not the trainer's {version}; train one policy per engine")
+        return outputs
 
 
 @contextmanager

@@ -33,6 +33,16 @@ Note [what the HTTP client trusts]
     ``Content-Length`` first and enforced while reading), and the JSON depth limit of
     :func:`ipcbridge.wire.parse_json`, which also applies to each worker reply inside ``/collective_rpc``.
     Each refusal is a ``BridgeError`` that names the URL and what to change.
+
+Note [a 503 during a fence]
+    From vLLM 0.33 a server paused in mode ``"wait"`` rejects each new request with a retryable HTTP 503
+    until it resumes (Note [the AsyncLLM pause] in :mod:`ipcbridge.vllm.endpoints`); up to 0.32 it queues
+    it. A completion that meets a fence (another client's, or a generation thread racing this trainer's
+    step) is therefore retried, with a doubling backoff (:data:`RETRY_FIRST_DELAY` to
+    :data:`RETRY_MAX_DELAY`), within the one total deadline of the call: a fence lasts an optimizer step,
+    a paused server that never resumes (its trainer died mid-fence) ends in a ``BridgeError`` naming the
+    ``/resume`` that frees it. Only ``/v1/completions`` is retried: the control routes must not meet
+    another fence (the lease says so), and a 503 there is an error.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.parse
 from typing import Any
 
@@ -61,6 +72,10 @@ DEV_ROUTES = ("/collective_rpc", "/pause", "/resume", "/reset_prefix_cache", "/i
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: Bytes of an error body quoted in a message.
 _ERROR_DETAIL_BYTES = 500
+#: Note [a 503 during a fence]: the status retried, and the backoff (doubling from the first delay).
+HTTP_RETRY = 503
+RETRY_FIRST_DELAY = 0.05
+RETRY_MAX_DELAY = 1.0
 
 
 def normalise_url(url: str) -> str:
@@ -117,6 +132,9 @@ class HttpEndpoint(VllmEndpoint):
         data = None if body is None else json.dumps(body).encode()
         timeout = self.timeout if timeout is None else timeout
         status, location, raw = _exchange(method, url, data, timeout, self.max_body_bytes, self.url)
+        return self._decode(method, url, path, status, location, raw)
+
+    def _decode(self, method: str, url: str, path: str, status: int, location: str | None, raw: bytes) -> Any:
         if 300 <= status < 400:
             raise _redirected(method, url, status, location)
         if status >= 400:
@@ -125,6 +143,33 @@ class HttpEndpoint(VllmEndpoint):
             return None
         return wire.parse_json(raw, f"{method} {url}: the response body", max_bytes=self.max_body_bytes,
                                error=BridgeError, hint="; is this URL a vllm serve server?")
+
+    def completions(self, body: dict[str, Any], timeout: float | None = None) -> Any:
+        """``POST /v1/completions`` with ``body``; the decoded response. Note [a 503 during a fence]: an
+        HTTP 503 is retried with backoff while ``timeout`` (total, over every try) lasts."""
+        url, path = self.url + "/v1/completions", "/v1/completions"
+        data = json.dumps(body).encode()
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        delay, tries = RETRY_FIRST_DELAY, 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _timed_out("POST", url, timeout)
+            status, location, raw = _exchange("POST", url, data, left, self.max_body_bytes, self.url)
+            tries += 1
+            if status != HTTP_RETRY or deadline - time.monotonic() <= delay:
+                break
+            logger.debug("%s answered 503 (a fence in progress?); retrying in %.2f s", url, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_DELAY)
+        if status == HTTP_RETRY:
+            raise BridgeError(
+                f"POST {url} answered HTTP 503 to {tries} tries over {timeout:.0f}s: the server stays paused (a fence "
+                f"that never resumed, e.g. its trainer died: `curl -X POST {self.url}/resume`) or overloaded; "
+                f"{raw[:_ERROR_DETAIL_BYTES].decode('utf-8', 'replace')}"
+            )
+        return self._decode("POST", url, path, status, location, raw)
 
     def collective_rpc(self, method: str, *args: Any) -> Any:
         """``POST /collective_rpc`` of an ``ipcbridge_*`` method; arguments travel as strings."""
@@ -196,7 +241,7 @@ class HttpEndpoint(VllmEndpoint):
             "temperature": temperature, "ignore_eos": True, "logprobs": 0,
             "return_token_ids": True, "return_tokens_as_token_ids": True, "cache_salt": self.cache_salt(),
         }
-        resp = self.request("POST", "/v1/completions", body, timeout=timeout)
+        resp = self.completions(body, timeout)
         try:
             choice = resp["choices"][0]
             tokens = [int(t) for t in choice["token_ids"]]

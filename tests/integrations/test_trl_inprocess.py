@@ -11,31 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 import ipcbridge
 from ipcbridge import BridgeError
 from ipcbridge.vllm import inprocess
-from tests.helpers import reference_model, tiny_config, vllm_weights
-
-
-def _module(weights: dict[str, torch.Tensor]) -> nn.Module:
-    """An nn.Module tree whose named_parameters() are ``weights`` (vLLM names), as vLLM's model."""
-    root = nn.Module()
-    for name, t in weights.items():
-        *path, leaf = name.split(".")
-        mod = root
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, nn.Module())
-            mod = getattr(mod, part)
-        mod.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
-    return root
+from tests.helpers import tiny_config
+from tests.vllm.vllm_fakes import vllm_module, vllm_state
 
 
 class _FakeLLM:
     def __init__(self, config, multiprocess: bool = False) -> None:
-        self.model = _module(vllm_weights(reference_model(config), config))
+        self.model = vllm_module(vllm_state(config))
         worker = SimpleNamespace(model_runner=SimpleNamespace(model=self.model))
         mc = SimpleNamespace(hf_config=config, quantization=None, enable_sleep_mode=False)
         pc = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1)
