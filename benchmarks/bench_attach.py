@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import llama_8b_config
 
 import ipcbridge
 import ipcbridge.attach
@@ -57,18 +58,6 @@ EXPLAIN = {
     "verify": "attach.verify: nothing on meta, dtypes, zero-copy ranges",
     "close": "unmapping (not part of attach)",
 }
-
-
-def llama_config(tiny: bool) -> Any:
-    from transformers import LlamaConfig
-
-    if tiny:
-        return LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    # Llama-3-8B: 8.03 B parameters, 16.06 GB in bf16; the same config benchmarks/bench_vllm.py serves.
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                       rope_theta=500000.0, tie_word_embeddings=False)
 
 
 def vllm_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -98,7 +87,7 @@ def sparse_shm_storage(nbytes: int, n: int) -> torch.UntypedStorage:
 
 def produce(device: str, tiny: bool, out: str) -> None:
     """Hold the weights, write their manifest to ``out``, say READY, and keep them until stdin closes."""
-    config = llama_config(tiny)
+    config = llama_8b_config(tiny)
     tensors: dict[str, torch.Tensor] = {}
     for i, (name, shape) in enumerate(vllm_shapes(config).items()):
         if device == "cuda":

@@ -18,21 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
+from _common import one, run_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DEFAULT = ("llama,qwen2,qwen3,mistral,gemma,gemma2,phi3,gpt2,opt,gemma3_text,gemma3_text:window=4,"
            "gemma3_text:window=16,qwen3_moe,qwen2_moe,mixtral,olmo2,granite,stablelm,cohere")
-PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12], [300, 301, 302, 303, 304]]
 
 
 def config_of(spec: str) -> Any:
@@ -46,20 +42,12 @@ def config_of(spec: str) -> Any:
     return cfg
 
 
-def diffs(model: torch.nn.Module, outs: list) -> list[float]:
-    from ipcbridge.logprobs import sequence_logprobs
-
-    out = []
-    for prompt, o in zip(PROMPTS, outs, strict=True):
-        out += [abs(a - b) for a, b in zip(sequence_logprobs(model, prompt, o.token_ids), o.logprobs, strict=True)]
-    return out
-
-
 def run(spec: str) -> dict[str, Any]:
     import ipcbridge
     from ipcbridge.vllm.colocate import VllmEngine
     from ipcbridge.vllm.extension import EXTENSION_QUALNAME
     from ipcbridge.vllm.testing import init_weights_
+    from tests.vllm.vllm_helpers import PROMPTS, parity
 
     with VllmEngine(config_of(spec), gpu_memory_utilization=0.2, init="dummy", enable_prefix_caching=True,
                     worker_extension_cls=EXTENSION_QUALNAME) as engine:
@@ -67,32 +55,16 @@ def run(spec: str) -> dict[str, Any]:
         try:
             with bridge.update():
                 init_weights_(bridge.model, 0, 0.05)
-            d = diffs(bridge.model, engine.generate(PROMPTS, max_tokens=16, temperature=0.0))
-            d += diffs(bridge.model, engine.generate(PROMPTS, max_tokens=16, temperature=1.0, seed=1234))
+            outs = engine.generate(PROMPTS, max_tokens=16, temperature=0.0)
+            outs += engine.generate(PROMPTS, max_tokens=16, temperature=1.0, seed=1234)
+            return {"arch": spec, **parity(bridge.model, outs, PROMPTS * 2)}
         finally:
             bridge.close()
-    return {"arch": spec, "mean_abs_diff": statistics.fmean(d), "max_abs_diff": max(d), "tokens": len(d)}
 
 
 def _child(spec: str, out_dir: str, timeout: float) -> dict[str, Any]:
     """``--one spec`` in a fresh process; a crash or a hang becomes the row's error."""
-    safe = "".join(c if c.isalnum() else "_" for c in spec)
-    path, log = os.path.join(out_dir, f"{safe}.json"), os.path.join(out_dir, f"{safe}.log")
-    t0 = time.perf_counter()
-    try:
-        with open(log, "w") as f:
-            rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", spec, "--json", path],
-                                stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
-    if os.path.exists(path):
-        with open(path) as f:
-            row = json.load(f)
-    else:
-        with open(log) as f:
-            row = {"arch": spec, "error": f"process ended ({rc}) without a result: ...{f.read()[-800:]}"}
-    row["seconds"] = round(time.perf_counter() - t0, 1)
-    return row
+    return run_child(__file__, spec, out_dir, timeout, cwd=ROOT)
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -129,16 +101,7 @@ def main() -> int:
     ap.add_argument("--one", help="the per-architecture worker: measure this spec in this process")
     args = ap.parse_args()
     if args.one:
-        try:
-            row = run(args.one)
-        except Exception as e:  # reported in this architecture's row
-            import traceback
-
-            traceback.print_exc()
-            row = {"arch": args.one, "error": f"{type(e).__name__}: {e}"[:500]}
-        with open(args.json, "w") as f:
-            json.dump(row, f, indent=1)
-        return 1 if "error" in row else 0
+        return 1 if "error" in one(run, args.one, args.json, error_chars=500) else 0
     return run_all([s for s in args.archs.split(",") if s], max(1, args.jobs), args.timeout, args.json)
 
 

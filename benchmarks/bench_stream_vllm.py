@@ -74,19 +74,6 @@ def llama_config(shape: str) -> Any:
     raise SystemExit(f"unknown shape {shape!r}")
 
 
-@contextlib.contextmanager
-def visible_devices(value: str) -> Any:
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
-
-
 # ---- the ceiling: one contiguous broadcast ------------------------------------------------------------------
 
 
@@ -111,6 +98,8 @@ def ceiling(nbytes: int, gpus: list[str], trainer: torch.device, reps: int) -> d
     import multiprocessing as mp
 
     import torch.distributed as dist
+
+    from tests.vllm.vllm_helpers import visible_devices
 
     world = 1 + len(gpus)
     store = dist.TCPStore("127.0.0.1", 0, world, True, timeout=datetime.timedelta(seconds=300),
@@ -171,6 +160,7 @@ def start_llm(config: Any, gpus: list[str], tp: int, util: float, same_gpu: bool
 
     from ipcbridge.hf import write_model_dir
     from ipcbridge.vllm.extension import EXTENSION_QUALNAME
+    from tests.vllm.vllm_helpers import visible_devices
 
     model_dir = write_model_dir(config, tempfile.mkdtemp(prefix="ipcbridge-bench-stream-"))
     # One GPU: sleep mode (the engine connect() refuses), no NCCL. Else vLLM's NCCL transfer for its receiver.

@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 import torch
+from _common import llama_8b_config
 
 import ipcbridge
 from ipcbridge.vllm.colocate import VllmEngine
@@ -60,18 +61,6 @@ def qwen_05b_config() -> Any:
 
 SHAPES = {"0.5b": qwen_05b_config, "8b": lambda: llama_8b_config(False), "tiny": lambda: llama_8b_config(True)}
 KV_ROWS = ("0.5b:0.3", "0.5b:0.85", "8b:0.4", "8b:0.85")
-
-
-def llama_8b_config(tiny: bool = False) -> Any:
-    from transformers import LlamaConfig
-
-    if tiny:
-        return LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    # Llama-3.1-8B's shapes: 8.03 B parameters, 16.06 GB in bf16.
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                       rope_theta=500000.0, tie_word_embeddings=False)
 
 
 def allocated() -> int:

@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
+
+from _common import one, run_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -111,23 +112,7 @@ def check_one(arch: str) -> dict[str, Any]:
 
 def _child(arch: str, out_dir: str, timeout: float) -> dict[str, Any]:
     """Run ``--one arch`` in a fresh process; a crash or a hang becomes that row's error."""
-    path, log = os.path.join(out_dir, f"{arch}.json"), os.path.join(out_dir, f"{arch}.log")
-    t0 = time.perf_counter()
-    try:
-        with open(log, "w") as f:
-            rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", arch, "--json", path],
-                                stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
-    if os.path.exists(path):
-        with open(path) as f:
-            row = json.load(f)
-    else:
-        with open(log) as f:
-            tail = f.read()[-1500:]
-        row = {"arch": arch, "ok": False, "error": f"process ended ({rc}) without a result: ...{tail}"}
-    row["seconds"] = round(time.perf_counter() - t0, 1)
-    return row
+    return run_child(__file__, arch, out_dir, timeout, cwd=ROOT, tail_chars=1500, ok=False)
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -204,16 +189,7 @@ def main() -> int:
             json.dump(result, f, indent=1)
         return 0
     if args.one:
-        try:
-            row = check_one(args.one)
-        except Exception as e:  # the parent reports it in this architecture's row
-            import traceback
-
-            traceback.print_exc()
-            row = {"arch": args.one, "ok": False, "error": f"{type(e).__name__}: {e}"[:1500]}
-        with open(args.json, "w") as f:
-            json.dump(row, f, indent=1, default=str)
-        return 0 if row.get("ok") else 1
+        return 0 if one(check_one, args.one, args.json, error_chars=1500, ok=False).get("ok") else 1
     return run_all([a for a in args.archs.split(",") if a], max(1, args.jobs), args.timeout, args.json, args.logs)
 
 

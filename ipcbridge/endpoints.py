@@ -15,11 +15,13 @@ Endpoints for engines outside the core are found lazily by module path (:data:`E
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import importlib
 import logging
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from ipcbridge.errors import BridgeError
@@ -172,6 +174,66 @@ class ManifestEndpoint(InProcessLeases):
 
     def close(self) -> None:
         pass
+
+
+# ---- an engine on an event loop ----------------------------------------------------------------------
+
+
+def engine_loop(engine: Any, loop: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop:
+    """The event loop an ``AsyncLLM`` runs on: ``loop``, its output handler's, or the running one."""
+    if loop is None:
+        handler = getattr(engine, "output_handler", None)
+        if handler is not None:
+            loop = handler.get_loop()
+        else:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+    if loop is None:
+        raise BridgeError(
+            "this AsyncLLM is not bound to an event loop yet; create it inside a running loop "
+            "(asyncio.run(main())) and call ipcbridge from another thread (`await asyncio.to_thread("
+            "ipcbridge.connect, engine)`, likewise ipcbridge.stream), or pass loop="
+        )
+    return loop
+
+
+class OnEventLoop:
+    """Calls into an engine that lives on an asyncio loop of this process (``AsyncLLM``) from synchronous
+    trainer code, on another thread. See Note [AsyncLLM from synchronous code] in
+    :mod:`ipcbridge.vllm.endpoints`. Subclasses set ``loop`` (:func:`engine_loop`) and ``timeout``."""
+
+    loop: asyncio.AbstractEventLoop
+    timeout: float | None
+
+    def _check_thread(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            raise BridgeError(
+                "ipcbridge was called on the AsyncLLM's own event-loop thread, where waiting would deadlock; "
+                "call it from a worker thread: `await asyncio.to_thread(ipcbridge.connect, engine)` (likewise "
+                "ipcbridge.stream) and `await asyncio.to_thread(train_step)`"
+            )
+
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """``coro``'s result, run on the engine's loop; ``BridgeError`` if it cannot run there or is late."""
+        try:
+            self._check_thread()
+            if self.loop.is_closed() or not self.loop.is_running():
+                raise BridgeError("the AsyncLLM's event loop is not running; the engine has stopped")
+        except BridgeError:
+            coro.close()  # never awaited: close it, or Python warns at garbage collection
+            raise
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise BridgeError(f"AsyncLLM did not answer within {self.timeout}s") from None
 
 
 # ---- finding an endpoint -----------------------------------------------------------------------------

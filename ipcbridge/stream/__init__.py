@@ -7,6 +7,7 @@ One module per concern, in dependency order:
 - :mod:`~ipcbridge.stream.protocol`: :func:`send`/:func:`receive`, the double-buffered protocol over any group.
 - :mod:`~ipcbridge.stream.group`: :class:`TorchGroup`, a private two-rank gloo or NCCL process group.
 - :mod:`~ipcbridge.stream.receiver`: the engine's side (``StreamReceiver``).
+- :mod:`~ipcbridge.stream.calls`: the engine's half of a stream step, an RPC run beside the trainer's.
 - :mod:`~ipcbridge.stream.bridge`: the trainer's side, :class:`StreamBridge` (into ipcbridge's receivers).
 - :mod:`~ipcbridge.stream.nccl`: a bare NCCL communicator as a group, and vLLM's rendezvous.
 - :mod:`~ipcbridge.stream.controls` and :mod:`~ipcbridge.stream.stock`: the trainer's side of vLLM's own

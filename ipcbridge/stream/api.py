@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from ipcbridge.endpoints import resolve_endpoint
 from ipcbridge.errors import BridgeError
 from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, check_settings
 from ipcbridge.manifest import Manifest
-from ipcbridge.stream.bridge import StreamBridge, _model_device, stream_engine
+from ipcbridge.stream.bridge import StreamBridge, _model_device, open_stream, stream_engine
 from ipcbridge.stream.controls import AsyncLLMControl, HttpControl, LLMControl, StockControl
 from ipcbridge.stream.ipc import IpcStreamBridge
 from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, plan_vllm_chunks
@@ -179,20 +178,16 @@ def open_stock(control: StockControl, model: nn.Module, *, bucket_bytes: int | N
                ) -> StockStreamBridge:
     """Open a stream into a stock vLLM engine's own NCCL receiver through ``control`` (Note [two receivers in
     vLLM]). Closes ``control`` if it fails. ``bridge_cls`` is for tests (another rendezvous)."""
-    try:
+
+    def make() -> StockStreamBridge:
         wire = StockWire(parse_version(control.version()), buffer_bytes=bucket_bytes or VLLM_BUFFER_BYTES)
         plan = plan_vllm_chunks(list(hf_specs(model)), wire.buffer_bytes)
-        sb = bridge_cls(control, model, wire=wire, plan=plan, timeout=timeout, host=host,
-                        lease_seconds=lease_seconds, wait=wait)
-        t0 = time.perf_counter()
-        sb._check_model()
-        sb._connect()
-    except BaseException:
-        control.close()
-        raise
-    sb.connect_seconds = time.perf_counter() - t0
+        return bridge_cls(control, model, wire=wire, plan=plan, timeout=timeout, host=host,
+                          lease_seconds=lease_seconds, wait=wait)
+
+    sb = open_stream(make, control)
     logger.info("streaming %d HF tensors into vLLM %d.%d's receiver in %d chunk(s) of <= %d bytes",
-                len(plan.slots), *wire.version, len(plan.buckets), plan.buffer_bytes)
+                len(sb.plan.slots), *sb.wire.version, len(sb.plan.buckets), sb.plan.buffer_bytes)
     return sb
 
 

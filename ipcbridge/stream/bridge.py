@@ -40,12 +40,11 @@ from __future__ import annotations
 import logging
 import secrets
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -55,50 +54,12 @@ from ipcbridge.endpoints import CanReceiveStream, Endpoint, resolve_endpoint
 from ipcbridge.errors import BridgeError, MappingError
 from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, Fence, check_settings, synchronize
 from ipcbridge.manifest import Manifest
+from ipcbridge.stream.calls import EngineCall, failure
 from ipcbridge.stream.group import TorchGroup, check_backend, master_store
 from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, Bucket, StreamPlan, plan_buckets, unpack
 from ipcbridge.stream.protocol import READY_KEY, send
 
 logger = logging.getLogger(__name__)
-
-#: How long to wait for the engine's side of a failed transfer to report, after ours failed.
-_GRACE_SECONDS = 5.0
-
-
-class _Call:
-    """An engine RPC in a daemon thread, so this thread can do the trainer's half meanwhile."""
-
-    def __init__(self, fn: Callable[[], Any], what: str, on_error: Callable[[], None] | None = None) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self._on_error = on_error  # tells the trainer's half to stop waiting for the engine
-        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"ipcbridge-{what}", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as e:  # reported by the thread that joins
-            self.error = e
-            if self._on_error is not None:
-                self._on_error()
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def join(self, timeout: float | None) -> bool:
-        self._thread.join(timeout)
-        return self.done()
-
-
-def _failure(what: str, local: BaseException | None, remote: BaseException | None, fix: str) -> BridgeError:
-    parts = []
-    if remote is not None:
-        parts.append(f"engine: {remote}")
-    if local is not None:
-        parts.append(f"trainer: {type(local).__name__}: {local}")
-    return BridgeError(f"{what} failed ({'; '.join(parts) or 'no error reported'}). {fix}")
-
 
 def _model_device(model: nn.Module) -> torch.device:
     devices = {p.device for p in model.parameters()}
@@ -261,7 +222,7 @@ class StreamBridge:
         except Exception as e:  # torch raises several types for bind and address errors
             raise BridgeError(f"cannot serve the stream rendezvous on {self.host} ({e}); pass host= an address "
                               "of this machine that the engine can reach") from e
-        call = _Call(lambda: self._engine_init(store.port), "stream_init")
+        call = EngineCall(lambda: self._engine_init(store.port), "stream_init")
         fix = ("Fix: check the engine's log, that it can reach "
                f"{self.host}, and for NCCL that the two ranks use distinct GPUs")
         # The engine sets READY_KEY only once it accepted the request: until then a refusal can still arrive,
@@ -269,19 +230,15 @@ class StreamBridge:
         deadline = time.monotonic() + self.timeout
         while not store.check([READY_KEY]):
             if call.done():
-                raise _failure("opening the weight stream", None, call.error, fix)
+                raise failure("opening the weight stream", None, call.error, fix)
             if time.monotonic() > deadline:
                 raise BridgeError(f"the engine did not join the weight stream within {self.timeout:.0f}s. {fix}")
             time.sleep(0.005)
         try:
             group = self._join(store)
         except Exception as e:
-            call.join(_GRACE_SECONDS)
-            raise _failure("opening the weight stream", e, call.error, fix) from e
-        call.join(None)  # bounded by the RPC's own timeout
-        if call.error is not None:
-            group.close(abort=True)
-            raise _failure("opening the weight stream", None, call.error, fix)
+            raise call.failed(e, "opening the weight stream", fix) from e
+        call.finish(None, "opening the weight stream", fix, abort=lambda: group.close(abort=True))
         self._group = group
 
     def _engine_init(self, port: int) -> None:
@@ -309,27 +266,31 @@ class StreamBridge:
         group = self._require_open()
         t0 = time.perf_counter()
         rpc_timeout = self.timeout * (len(self.plan.buckets) + 2)
-        call = _Call(lambda: self.endpoint.stream_receive(self.stream_id, timeout=rpc_timeout), "stream_receive",
-                     on_error=getattr(group, "interrupt", None))
+        call = EngineCall(lambda: self.endpoint.stream_receive(self.stream_id, timeout=rpc_timeout),
+                          "stream_receive", on_error=getattr(group, "interrupt", None))
         fix = ("The engine's weights may be partly updated and this stream is closed. Fix: check the engine (its "
                "log), then open a new stream with ipcbridge.stream(engine, model) and push()")
+        # No timeout of our own after the last bucket: the RPC's bounds the engine's half.
+        self.bytes_sent += self._send(group, params, call, "streaming weights to the engine", fix, None)
+        self.push_seconds.append(time.perf_counter() - t0)
+
+    def _send(self, group: Any, params: dict[str, torch.Tensor], call: EngineCall, what: str, fix: str,
+              timeout: float | None) -> int:
+        """Pack ``params`` and broadcast every bucket while ``call`` (the engine's receiving half) runs, then
+        wait up to ``timeout`` for it; the bytes sent. Either half failing aborts the group and raises."""
         self._params = params
         try:
             nbytes = send(group, self._pack, self.plan, device=self._buffer_device, buffers=self._send_buffers())
         except BaseException as e:
             self._close_group(abort=True)  # the engine's pending receives fail now, not at the timeout
-            call.join(_GRACE_SECONDS)
+            error = call.failed(e, what, fix)
             if not isinstance(e, Exception):
                 raise
-            raise _failure("streaming weights to the engine", e, call.error, fix) from e
+            raise error from e
         finally:
             self._params = {}
-        call.join(None)  # bounded by the RPC's own timeout
-        if call.error is not None:
-            self._close_group(abort=True)
-            raise _failure("streaming weights to the engine", None, call.error, fix)
-        self.bytes_sent += nbytes
-        self.push_seconds.append(time.perf_counter() - t0)
+        call.finish(timeout, what, fix, abort=lambda: self._close_group(abort=True))
+        return nbytes
 
     @contextmanager
     def update(self) -> Iterator[StreamBridge]:
@@ -407,10 +368,28 @@ def _engine_layout(endpoint: Any) -> tuple[list[tuple[str, Any, Any]], int]:
     return [(t.name, t.dtype, t.shape) for t in manifest.tensors], manifest.weight_version
 
 
+_B = TypeVar("_B", bound=StreamBridge)
+
+
+def open_stream(make: Callable[[], _B], endpoint: Any) -> _B:
+    """``make()`` a bridge, check the model and join the engine. ``endpoint`` is closed if any of it fails:
+    the bridge owns it only once open. ``connect_seconds`` counts all of it."""
+    t0 = time.perf_counter()
+    try:
+        sb = make()
+        sb._check_model()  # a mismatch surfaces here, before the engine joins anything
+        sb._connect()
+    except BaseException:
+        endpoint.close()
+        raise
+    sb.connect_seconds = time.perf_counter() - t0
+    return sb
+
+
 def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-           backend: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
-           lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS,
-           bridge_cls: type[StreamBridge] | None = None) -> StreamBridge:
+                  backend: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
+                  lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS,
+                  bridge_cls: type[StreamBridge] | None = None) -> StreamBridge:
     """Stream a trainer-owned HF ``model`` into ``target``'s weights, where they cannot be shared.
 
     ``bridge_cls``: :class:`StreamBridge` (a process group) by default; ``IpcStreamBridge`` for a shared
@@ -425,27 +404,21 @@ def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_
     """
     check_settings(lease_seconds, wait)  # before the engine is asked anything
     endpoint = resolve_endpoint(target)
-    try:
+    cls = bridge_cls or StreamBridge
+
+    def make() -> StreamBridge:
         if not isinstance(endpoint, CanReceiveStream):
             raise BridgeError(
                 f"endpoint {endpoint.name!r} cannot receive streamed weights (it has no stream_init, "
-                "stream_receive, stream_close); stream() works with ipcbridge.LocalEngine and vLLM engines. Where the memory can "
-                "be shared, use ipcbridge.connect()"
+                "stream_receive, stream_close); stream() works with ipcbridge.LocalEngine and vLLM engines. Where "
+                "the memory can be shared, use ipcbridge.connect()"
             )
-        device = _model_device(model)
-        cls = bridge_cls or StreamBridge
-        backend = cls.pick_backend(backend, device)
-        t0 = time.perf_counter()
+        chosen = cls.pick_backend(backend, _model_device(model))
         specs, version = _engine_layout(endpoint)
-        plan = plan_buckets(specs, bucket_bytes)
-        sb = cls(endpoint, model, version, plan=plan, backend=backend, timeout=timeout, host=host,
-                          lease_seconds=lease_seconds, wait=wait)
-        sb._check_model()  # a mismatch surfaces here, before the engine joins anything
-        sb._connect()
-    except BaseException:
-        endpoint.close()
-        raise
-    sb.connect_seconds = time.perf_counter() - t0
+        return cls(endpoint, model, version, plan=plan_buckets(specs, bucket_bytes), backend=chosen,
+                   timeout=timeout, host=host, lease_seconds=lease_seconds, wait=wait)
+
+    sb = open_stream(make, endpoint)
     logger.info("streaming %d tensors in %d bucket(s) of <= %d bytes over %s (connected in %.3fs)",
-                len(plan.slots), len(plan.buckets), plan.buffer_bytes, backend, sb.connect_seconds)
+                len(sb.plan.slots), len(sb.plan.buckets), sb.plan.buffer_bytes, sb.backend, sb.connect_seconds)
     return sb

@@ -14,12 +14,10 @@ A stock engine has no ipcbridge weight version, so the control counts its own: o
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-from collections.abc import Coroutine
 from typing import Any
 
-from ipcbridge.endpoints import InProcessLeases
+from ipcbridge.endpoints import InProcessLeases, OnEventLoop, engine_loop
 from ipcbridge.errors import BridgeError
 
 logger = logging.getLogger(__name__)
@@ -130,7 +128,7 @@ class LLMControl(StockControl):
         pass
 
 
-class AsyncLLMControl(StockControl):
+class AsyncLLMControl(OnEventLoop, StockControl):
     """An in-process ``AsyncLLM``, driven from a thread other than its event loop's (``await
     asyncio.to_thread(ipcbridge.stream, engine, model)``); its pause waits for in-flight requests."""
 
@@ -139,30 +137,10 @@ class AsyncLLMControl(StockControl):
     def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop | None = None,
                  timeout: float | None = 600.0) -> None:
         _check_config(engine.vllm_config, "AsyncLLM")
-        handler = getattr(engine, "output_handler", None)
-        self.loop = loop or (handler.get_loop() if handler is not None else None)
-        if self.loop is None:
-            raise BridgeError("this AsyncLLM is not bound to an event loop yet; create it inside a running loop and "
-                              "call ipcbridge.stream from another thread (asyncio.to_thread)")
+        self.loop = engine_loop(engine, loop)
         self.engine = engine
         self.gate_key = engine
         self.timeout = timeout
-
-    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop or self.loop.is_closed() or not self.loop.is_running():
-            coro.close()
-            raise BridgeError("the AsyncLLM's event loop is not running, or this is its own thread (which would "
-                              "deadlock); call from another thread: await asyncio.to_thread(...)")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(self.timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise BridgeError(f"AsyncLLM did not answer within {self.timeout}s") from None
 
     def call(self, method: str, payload: dict[str, Any] | None) -> None:
         try:

@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from ipcbridge.errors import BridgeError
-from ipcbridge.stream.bridge import _GRACE_SECONDS, StreamBridge, _Call, _failure, _Layout
+from ipcbridge.stream.bridge import StreamBridge, _Layout
+from ipcbridge.stream.calls import EngineCall
 from ipcbridge.stream.nccl import (
     PeerCheck,
     free_port,
@@ -52,7 +53,6 @@ from ipcbridge.stream.nccl import (
     unique_id_b64,
 )
 from ipcbridge.stream.plan import Bucket, StreamPlan, pack
-from ipcbridge.stream.protocol import send
 
 logger = logging.getLogger(__name__)
 
@@ -159,16 +159,12 @@ class StockStreamBridge(StreamBridge):
 
     def _connect(self) -> None:
         info, join = self._rendezvous(1 + self._control.world_size())
-        call = _Call(lambda: self._control.init(info), "init_weight_transfer_engine")
+        call = EngineCall(lambda: self._control.init(info), "init_weight_transfer_engine")
         try:
             group = join(lambda: call.error if call.done() else None)
         except BridgeError as e:
-            call.join(_GRACE_SECONDS)
-            raise _failure("opening vLLM's weight transfer", e, call.error, _FIX_CONFIG) from e
-        call.join(self.timeout)
-        if not call.done() or call.error is not None:
-            group.close(abort=True)
-            raise _failure("opening vLLM's weight transfer", None, call.error, _FIX_CONFIG)
+            raise call.failed(e, "opening vLLM's weight transfer", _FIX_CONFIG) from e
+        call.finish(self.timeout, "opening vLLM's weight transfer", _FIX_CONFIG, abort=lambda: group.close(abort=True))
         self._group = group
 
     def _transfer(self, params: dict[str, torch.Tensor]) -> None:
@@ -181,23 +177,8 @@ class StockStreamBridge(StreamBridge):
         except BridgeError as e:  # nothing was sent: the group is still in step
             raise BridgeError(f"vLLM refused start_weight_update: {e}. {fix}") from e
         info = self._update_info
-        call = _Call(lambda: self._control.update(info), "update_weights")
-        self._params = params
-        try:
-            nbytes = send(group, self._pack, self.plan, device=self._device, buffers=self._send_buffers())
-        except BaseException as e:
-            self._close_group(abort=True)
-            call.join(_GRACE_SECONDS)
-            if not isinstance(e, Exception):
-                raise
-            raise _failure("streaming weights to vLLM", e, call.error, fix) from e
-        finally:
-            self._params = {}
-        call.join(self.timeout)
-        if not call.done() or call.error is not None:
-            self._close_group(abort=True)
-            error = call.error or BridgeError(f"update_weights did not return within {self.timeout:.0f}s")
-            raise _failure("streaming weights to vLLM", None, error, fix)
+        call = EngineCall(lambda: self._control.update(info), "update_weights")
+        nbytes = self._send(group, params, call, "streaming weights to vLLM", fix, self.timeout)
         self._control.finish()
         self.bytes_sent += nbytes
         self.push_seconds.append(time.perf_counter() - t0)

@@ -46,12 +46,11 @@ Note [the AsyncLLM pause]
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import uuid
-from collections.abc import Coroutine
 from typing import Any
 
+from ipcbridge.endpoints import OnEventLoop, engine_loop
 from ipcbridge.errors import BridgeError
 from ipcbridge.fence import Lease
 from ipcbridge.vllm.base import VllmEndpoint, check_kv_reset
@@ -211,27 +210,7 @@ class LLMEndpoint(VllmEndpoint):
         return self.generate([prompt], max_tokens)[0]
 
 
-def _engine_loop(engine: Any, loop: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop:
-    """The event loop ``engine`` runs on: ``loop``, its output handler's, or the running one."""
-    if loop is None:
-        handler = getattr(engine, "output_handler", None)
-        if handler is not None:
-            loop = handler.get_loop()
-        else:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-    if loop is None:
-        raise BridgeError(
-            "this AsyncLLM is not bound to an event loop yet; create it inside a running loop "
-            "(asyncio.run(main())) and call `await asyncio.to_thread(ipcbridge.connect, engine)`, or pass "
-            "loop= to AsyncLLMEndpoint"
-        )
-    return loop
-
-
-class AsyncLLMEndpoint(VllmEndpoint):
+class AsyncLLMEndpoint(OnEventLoop, VllmEndpoint):
     """The control channel of an in-process ``AsyncLLM``. See Note [AsyncLLM from synchronous code]."""
 
     name = "vllm-async-llm"
@@ -247,34 +226,7 @@ class AsyncLLMEndpoint(VllmEndpoint):
         self.gate_key = engine
         self.timeout = timeout
         self.weight_version = 0
-        self.loop = _engine_loop(engine, loop)
-
-    def _check_thread(self) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop:
-            raise BridgeError(
-                "ipcbridge's AsyncLLM endpoint was called on the engine's own event-loop thread, where waiting "
-                "would deadlock; call it from a worker thread: `await asyncio.to_thread(ipcbridge.connect, "
-                "engine)` and `await asyncio.to_thread(train_step)`"
-            )
-
-    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        try:
-            self._check_thread()
-            if self.loop.is_closed() or not self.loop.is_running():
-                raise BridgeError("the AsyncLLM's event loop is not running; the engine has stopped")
-        except BridgeError:
-            coro.close()
-            raise
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(self.timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise BridgeError(f"AsyncLLM did not answer within {self.timeout}s") from None
+        self.loop = engine_loop(engine, loop)
 
     def collective_rpc(self, method: str, *args: Any) -> Any:
         try:

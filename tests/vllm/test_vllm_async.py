@@ -21,7 +21,7 @@ from tests.vllm import vllm_helpers as H
 
 pytestmark = pytest.mark.vllm
 
-PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12], [300, 301, 302, 303, 304]]
+PROMPTS = H.PROMPTS
 N_TOKENS = 48
 
 

@@ -21,9 +21,11 @@ import torch
 
 import ipcbridge
 from tests.vllm import vllm_helpers as H
-from tests.vllm.test_vllm_moe import MOE_ARCHS, PROMPTS, _parity, moe_config
+from tests.vllm.test_vllm_moe import MOE_ARCHS, moe_config
 
 pytestmark = pytest.mark.vllm
+
+PROMPTS = H.PROMPTS
 
 TABLE_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt",
                *MOE_ARCHS)
@@ -90,7 +92,7 @@ def test_table_less_architecture_attaches_with_parity(arch: str) -> None:
             assert report.ok and report.parameters_outside_engine == [] and report.trainer_weight_bytes == 0
             with bridge.update():
                 H.init_weights(bridge.model, seed=0, std=0.05)
-            pg = _parity(bridge.model, engine.generate(PROMPTS, max_tokens=16, temperature=0.0))
+            pg = H.parity(bridge.model, engine.generate(PROMPTS, max_tokens=16, temperature=0.0))
             H.record("derived_attach", arch=arch, engine_tensors=report.engine_tensors, parity=pg)
             assert pg["mean_abs_diff"] < 0.05
         finally:

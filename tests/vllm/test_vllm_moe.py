@@ -5,18 +5,16 @@ dense tests do (test_vllm_offline.py). Run: ``pytest -m vllm tests/vllm/test_vll
 from __future__ import annotations
 
 import os
-import statistics
 
 import pytest
 import torch
 
 import ipcbridge
-from ipcbridge.logprobs import sequence_logprobs
 from tests.vllm import vllm_helpers as H
 
 pytestmark = pytest.mark.vllm
 
-PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12], [300, 301, 302, 303, 304]]
+PROMPTS = H.PROMPTS
 MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral")
 
 
@@ -60,14 +58,6 @@ def bridge(engine):
     b.close()
 
 
-def _parity(model: torch.nn.Module, outs: list) -> dict:
-    diffs = []
-    for prompt, out in zip(PROMPTS, outs, strict=True):
-        hf = sequence_logprobs(model, prompt, out.token_ids)
-        diffs += [abs(a - b) for a, b in zip(hf, out.logprobs, strict=True)]
-    return {"mean_abs_diff": statistics.fmean(diffs), "max_abs_diff": max(diffs), "tokens": len(diffs)}
-
-
 def test_coverage_zero_copy_and_backend(arch: str, engine, bridge) -> None:
     report = bridge.check(prompt=PROMPTS[0], max_tokens=16)
     info = engine.ipcbridge_endpoint().info()
@@ -87,7 +77,7 @@ def test_parity_after_init_through_bridge(arch: str, engine, bridge) -> None:
         H.init_weights(bridge.model, seed=0, std=0.05)
     greedy = engine.generate(PROMPTS, max_tokens=16, temperature=0.0)
     sampled = engine.generate(PROMPTS, max_tokens=16, temperature=1.0, seed=1234)
-    pg, ps = _parity(bridge.model, greedy), _parity(bridge.model, sampled)
+    pg, ps = H.parity(bridge.model, greedy), H.parity(bridge.model, sampled)
     H.record("moe_parity", arch=arch, weights="N(0,0.05) via bridge", greedy=pg, sampled_t1=ps)
     assert pg["mean_abs_diff"] < 0.05 and ps["mean_abs_diff"] < 0.05
 

@@ -19,12 +19,11 @@ import pytest
 import torch
 
 import ipcbridge
-from ipcbridge.logprobs import sequence_logprobs
 from tests.vllm import vllm_helpers as H
 
 pytestmark = pytest.mark.vllm
 
-PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12], [300, 301, 302, 303, 304]]
+PROMPTS = H.PROMPTS
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -59,14 +58,6 @@ def bridge(engine):
     b.close()
 
 
-def _parity(model: torch.nn.Module, outs: list) -> dict:
-    diffs = []
-    for prompt, out in zip(PROMPTS, outs, strict=True):
-        hf = sequence_logprobs(model, prompt, out.token_ids)
-        diffs += [abs(a - b) for a, b in zip(hf, out.logprobs, strict=True)]
-    return {"mean_abs_diff": statistics.fmean(diffs), "max_abs_diff": max(diffs), "tokens": len(diffs)}
-
-
 def test_attach_coverage_zero_copy_dummy_parity(arch: str, engine, bridge) -> None:
     report = bridge.check(prompt=PROMPTS[0], max_tokens=16)
     info = engine.ipcbridge_endpoint().info()
@@ -93,7 +84,7 @@ def test_parity_after_init_through_bridge(arch: str, engine, bridge) -> None:
     greedy = engine.generate(PROMPTS, max_tokens=16, temperature=0.0)
     sampled = engine.generate(PROMPTS, max_tokens=16, temperature=1.0, seed=1234)
     assert all(o.weight_version == bridge.weight_version for o in greedy + sampled)
-    pg, ps = _parity(bridge.model, greedy), _parity(bridge.model, sampled)
+    pg, ps = H.parity(bridge.model, greedy), H.parity(bridge.model, sampled)
     agreement = [H.top1_agreement(bridge.model, p, o.token_ids) for p, o in zip(PROMPTS, greedy, strict=True)]
     H.record("parity", arch=arch, weights="N(0,0.02) init via bridge", greedy=pg, sampled_t1=ps,
              greedy_top1_agreement=agreement)

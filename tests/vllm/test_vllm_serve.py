@@ -8,14 +8,8 @@ equal ``bridge.weight_version``.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -25,64 +19,15 @@ from tests.vllm import vllm_helpers as H
 
 pytestmark = pytest.mark.vllm
 
-PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12], [300, 301, 302, 303, 304]]
+PROMPTS = H.PROMPTS
 N_TOKENS = 64
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def server():
+def server() -> Iterator[str]:
     H.require_vllm()
-    from ipcbridge.hf import write_model_dir
-    from ipcbridge.vllm.extension import EXTENSION_QUALNAME
-    from ipcbridge.vllm.http import HttpEndpoint
-
-    model_dir = write_model_dir(H.tiny_config("llama"), tempfile.mkdtemp(prefix="ipcbridge-serve-"))
-    port = _free_port()
-    log_path = os.path.join(os.environ.get("IPCBRIDGE_LOGDIR", tempfile.gettempdir()), "vllm_serve.log")
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # `vllm serve DIR ...` is this module's CLI; the module form needs no console script.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy", "--skip-tokenizer-init",
-           "--enforce-eager", "--gpu-memory-utilization", "0.25", "--max-model-len", "512", "--seed", "0",
-           "--attention-backend", "TRITON_ATTN", "--num-gpu-blocks-override", "4096",
-           "--worker-extension-cls", EXTENSION_QUALNAME]
-    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it for the whole module
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    ep = HttpEndpoint(url, timeout=5)
-    t0 = time.time()
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.flush()
-                with open(log_path) as f:
-                    tail = f.read()[-4000:]
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{tail}")
-            try:
-                ep.request("GET", "/health")
-                break
-            except ipcbridge.BridgeError:
-                if time.time() - t0 > 300:
-                    pytest.fail("vllm serve did not become healthy in 300 s")
-                time.sleep(1)
-        H.record("serve_started", seconds=round(time.time() - t0, 1), url=url, log=log_path)
+    with H.vllm_serve("serve", gpu_memory_utilization=0.25, log="vllm_serve.log") as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # a server that failed to start is gone already
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its EngineCore child (own session)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_serve_update_while_requests_in_flight(server: str) -> None:

@@ -26,9 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -70,7 +67,6 @@ def bounded() -> Iterator[None]:
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [300, 301, 302]]
 N_TOKENS = 12
 TIMEOUT = 60.0
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECEIVERS = ("vllm", "ipcbridge")
 
 
@@ -95,15 +91,8 @@ def visible_devices(value: str) -> Iterator[None]:
     so the variable only reaches the children spawned while it is set."""
     torch.cuda.init()
     torch.zeros(1, device="cuda:0")
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = value
-    try:
+    with H.visible_devices(value):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 def trainer_model(config: Any, seed: int = 1) -> torch.nn.Module:
@@ -241,56 +230,11 @@ def test_llm_trainer_stalling_mid_push_fails_cleanly_and_engine_serves(llm: Any)
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     require_two_gpus()
-    from ipcbridge.hf import write_model_dir
-    from ipcbridge.vllm.extension import EXTENSION_QUALNAME
-    from ipcbridge.vllm.http import HttpEndpoint
-
-    model_dir = write_model_dir(H.tiny_config("llama"), tempfile.mkdtemp(prefix="ipcbridge-stream-serve-"))
-    port = free_port()
-    log_path = os.path.join(os.environ.get("IPCBRIDGE_LOGDIR", tempfile.gettempdir()), "vllm_serve_stream.log")
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", CUDA_VISIBLE_DEVICES="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy", "--skip-tokenizer-init",
-           "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "512", "--seed", "0",
-           "--dtype", "bfloat16", "--attention-backend", "TRITON_ATTN", "--num-gpu-blocks-override", "4096",
-           "--worker-extension-cls", EXTENSION_QUALNAME, "--weight-transfer-config", json.dumps({"backend": "nccl"})]
-    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it for the whole module
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    ep = HttpEndpoint(url, timeout=5)
-    t0 = time.time()
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.flush()
-                with open(log_path) as f:
-                    pytest.fail(f"vllm serve exited with {proc.returncode}:\n{f.read()[-4000:]}")
-            try:
-                ep.request("GET", "/health")
-                break
-            except BridgeError:
-                if time.time() - t0 > 300:
-                    pytest.fail("vllm serve did not become healthy in 300 s")
-                time.sleep(1)
-        H.record("stream_serve_started", seconds=round(time.time() - t0, 1), url=url, log=log_path)
+    transfer = json.dumps({"backend": "nccl"})
+    with H.vllm_serve("stream_serve", "--dtype", "bfloat16", "--weight-transfer-config", transfer,
+                      gpu_memory_utilization=0.3, log="vllm_serve_stream.log",
+                      env={"CUDA_VISIBLE_DEVICES": "1"}) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_generate(url: str) -> Any:

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from ipcbridge.fence import Fence
-from ipcbridge.mapping import to_vllm
 from ipcbridge.vllm.features import VllmFeatures
 from ipcbridge.vllm.policy import EngineFacts
 from ipcbridge.vllm.rpc import EXTENSION_QUALNAME
 from ipcbridge.vllm.testing import TestingWorkerExtension
+from tests.helpers import reference_model, vllm_weights
 from tests.helpers import tiny_config as tiny_config  # re-exported: the config the fakes serve
 
 # ---- a fake vLLM worker -------------------------------------------------------------------------------
@@ -55,19 +55,12 @@ def vllm_module(state: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
-def hf_reference(config: Any, seed: int = 0) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+hf_reference = reference_model  # the trainer's HF model, N(0, 0.02)-perturbed so a swapped weight shows
 
 
 def vllm_state(config: Any, seed: int = 0) -> dict[str, torch.Tensor]:
-    return {k: t.detach().clone() for k, t in to_vllm(dict(hf_reference(config, seed).state_dict()), config).items()}
+    """The engine's weights: ``hf_reference(config, seed)`` in vLLM's layout, as tensors of their own."""
+    return vllm_weights(reference_model(config, seed), config)
 
 
 def fake_vllm_config(config: Any, **overrides: Any) -> Any:

@@ -1,5 +1,6 @@
 """Shared pieces of the vllm-marked tests: tiny configs, weight init through the bridge, HF greedy decoding,
-the decisive training step, and a results log (``$IPCBRIDGE_RESULTS``, one JSON object per line).
+logprob parity, the decisive training step, ``vllm serve`` in the background, and a results log
+(``$IPCBRIDGE_RESULTS``, one JSON object per line).
 
 Not a test module. Imported as ``tests.vllm.vllm_helpers``: ``tests`` is a package, so this folder is
 ``tests.vllm`` and never shadows the real ``vllm`` package (only the repository root is on sys.path).
@@ -7,20 +8,29 @@ Not a test module. Imported as ``tests.vllm.vllm_helpers``: ``tests`` is a packa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 
-from ipcbridge.logprobs import greedy
+from ipcbridge.errors import BridgeError
+from ipcbridge.logprobs import greedy, sequence_logprobs
 from ipcbridge.vllm.testing import init_weights_
 from tests import helpers
 
 ARCHS = ("llama", "qwen2", "qwen3")
+PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12], [300, 301, 302, 303, 304]]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def require_vllm() -> None:
@@ -58,6 +68,15 @@ def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> No
 
 
 hf_greedy = greedy  # the HF model's greedy continuation (full recompute per token, cache-free)
+
+
+def parity(model: torch.nn.Module, outs: list, prompts: list[list[int]] = PROMPTS) -> dict[str, Any]:
+    """Mean and max |logprob_HF - logprob_vLLM| over every token vLLM generated (``outs[i]`` from ``prompts[i]``)."""
+    diffs: list[float] = []
+    for prompt, out in zip(prompts, outs, strict=True):
+        hf = sequence_logprobs(model, prompt, out.token_ids)
+        diffs += [abs(a - b) for a, b in zip(hf, out.logprobs, strict=True)]
+    return {"mean_abs_diff": statistics.fmean(diffs), "max_abs_diff": max(diffs), "tokens": len(diffs)}
 
 
 @torch.no_grad()
@@ -123,3 +142,74 @@ def classify(tokens: list[int], prompt: list[int], greedy: dict[str, list[int]],
 def cuda_allocated() -> int:
     torch.cuda.synchronize()
     return torch.cuda.memory_allocated()
+
+
+@contextlib.contextmanager
+def visible_devices(value: str) -> Iterator[None]:
+    """``CUDA_VISIBLE_DEVICES=value`` for the processes started inside the block (this process's CUDA, once
+    initialised, keeps the devices it saw)."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+@contextlib.contextmanager
+def vllm_serve(what: str, *args: str, gpu_memory_utilization: float, log: str,
+               env: dict[str, str] | None = None) -> Iterator[str]:
+    """``vllm serve`` (dev mode, ipcbridge's extension) of the tiny llama in the background, until healthy:
+    yields its URL, then stops it with its EngineCore. ``args``: more server flags; ``env``: more variables;
+    ``log``: its log's file name in ``$IPCBRIDGE_LOGDIR``."""
+    from ipcbridge.hf import write_model_dir
+    from ipcbridge.stream.nccl import free_port
+    from ipcbridge.vllm.extension import EXTENSION_QUALNAME
+
+    model_dir = write_model_dir(tiny_config("llama"), tempfile.mkdtemp(prefix=f"ipcbridge-{what}-"))
+    port = free_port("127.0.0.1")
+    log_path = os.path.join(os.environ.get("IPCBRIDGE_LOGDIR", tempfile.gettempdir()), log)
+    full_env = dict(os.environ, VLLM_SERVER_DEV_MODE="1",
+                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+    # `vllm serve DIR ...` is this module's CLI; the module form needs no console script.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy", "--skip-tokenizer-init",
+           "--enforce-eager", "--gpu-memory-utilization", str(gpu_memory_utilization), "--max-model-len", "512",
+           "--seed", "0", "--attention-backend", "TRITON_ATTN", "--num-gpu-blocks-override", "4096",
+           "--worker-extension-cls", EXTENSION_QUALNAME, *args]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            t0 = time.time()
+            _wait_healthy(proc, url, log_path)
+            record(f"{what}_started", seconds=round(time.time() - t0, 1), url=url, log=log_path)
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # a server that failed to start is gone already
+                os.killpg(proc.pid, signal.SIGTERM)  # the server and its EngineCore child (own session)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: str, limit: float = 300.0) -> None:
+    from ipcbridge.vllm.http import HttpEndpoint
+
+    ep = HttpEndpoint(url, timeout=5)
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{f.read()[-4000:]}")
+        try:
+            ep.request("GET", "/health")
+            return
+        except BridgeError:
+            if time.time() - t0 > limit:
+                pytest.fail(f"vllm serve did not become healthy in {limit:.0f} s")
+            time.sleep(1)
