@@ -88,7 +88,12 @@ trl)
     pip install --no-index --no-deps --quiet .trl-wheels/*.whl --target /tmp/trl-site
     export PYTHONPATH=/tmp/trl-site:$PYTHONPATH
     step trl-bench 420 python3 benchmarks/bench_trl.py --json "$OUT/bench_trl.json"
-    step trl-colocate 150 python3 -m pytest -m vllm -v -s tests/integrations/test_trl_vllm.py
+    # One pytest process each: the in-process LLM lives in the pytest process.
+    step trl-colocate 150 python3 -m pytest -m vllm -v -s \
+        tests/integrations/test_trl_vllm.py::test_grpo_trains_the_in_process_llm
+    step trl-serve 200 python3 -m pytest -m vllm -v -s \
+        tests/integrations/test_trl_vllm.py::test_grpo_trains_vllm_serve_by_url
+    step trl-llm 150 python3 -m pytest -m vllm -v -s tests/integrations/test_trl_vllm_llm.py
     ;;
 tp2)
     step tp2 560 python3 benchmarks/bench_stream_vllm.py --tp 2 --gpus 1,2 --receivers vllm --check \
