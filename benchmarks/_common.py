@@ -6,8 +6,10 @@ this folder first on ``sys.path``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,8 +43,8 @@ def run_child(script: str, spec: str, out_dir: str, timeout: float, *, cwd: str,
     rc: int | str
     try:
         with open(log, "w") as f:
-            rc = subprocess.run([sys.executable, os.path.abspath(script), "--one", spec, "--json", path],
-                                stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=cwd).returncode
+            rc = run_group([sys.executable, os.path.abspath(script), "--one", spec, "--json", path],
+                           timeout, stdout=f, stderr=subprocess.STDOUT, cwd=cwd).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     if os.path.exists(path):
@@ -54,6 +56,28 @@ def run_child(script: str, spec: str, out_dir: str, timeout: float, *, cwd: str,
         row = {"arch": spec, **failed, "error": f"process ended ({rc}) without a result: ...{tail}"}
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def run_group(cmd: list[str], timeout: float, **popen: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, timeout=timeout, **popen)``, but the child leads a session of its own and a
+    timeout kills that whole session: vLLM's EngineCore (and its workers) are the child's children, and
+    ``subprocess.run`` kills only the child, leaving them alive, holding the GPU, for every later case."""
+    with subprocess.Popen(cmd, start_new_session=True, **popen) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:  # the timeout, or KeyboardInterrupt: no engine left behind
+            _kill_group(proc)
+            raise
+        finally:
+            _kill_group(proc, signal.SIGTERM, quiet=True)  # the child is done: end what it left running
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, quiet: bool = False) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+    if not quiet:
+        proc.wait()
 
 
 def one(measure: Callable[[str], dict[str, Any]], spec: str, path: str, *, error_chars: int,

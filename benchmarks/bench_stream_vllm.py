@@ -126,6 +126,9 @@ def ceiling(nbytes: int, gpus: list[str], trainer: torch.device, reps: int) -> d
     torch.cuda.synchronize(trainer)
     for p in procs:
         p.join(120)
+        if p.is_alive():  # a peer stuck in a collective would hold its GPU for the rest of the run
+            p.kill()
+            p.join(10)
     with contextlib.suppress(Exception):
         pg.shutdown()
     del buf
@@ -307,7 +310,8 @@ def main() -> None:
     ap.add_argument("--models", default="1b,8b")
     ap.add_argument("--receivers", default="vllm,ipcbridge")
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--gpus", default="1", help="the engine's GPUs (physical indices), e.g. 1 or 1,2")
+    ap.add_argument("--gpus", default="1", help="the engine's GPUs, e.g. 1 or 1,2 (indices as this process sees them, "
+                    "like --trainer-gpu: mapped through CUDA_VISIBLE_DEVICES for the engine's processes)")
     ap.add_argument("--trainer-gpu", type=int, default=0)
     ap.add_argument("--pushes", type=int, default=10)
     ap.add_argument("--flat", type=int, default=100, help="pushes between the two memory readings")
@@ -331,6 +335,10 @@ def main() -> None:
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         args.gpus = [visible[args.trainer_gpu] if visible else str(args.trainer_gpu)]
         args.receivers = ["ipc"]
+    else:  # the children get CUDA_VISIBLE_DEVICES, which names GPUs as the host does, not as this process does
+        from tests.vllm.vllm_helpers import physical_gpus
+
+        args.gpus = physical_gpus(",".join(args.gpus)).split(",")
     if args.gpu_memory_utilization is None:
         args.gpu_memory_utilization = 0.3 if args.same_gpu else 0.5
     if len(args.gpus) != args.tp:

@@ -41,7 +41,7 @@ import time
 from typing import Any
 
 import torch
-from _common import llama_8b_config
+from _common import llama_8b_config, run_group
 
 import ipcbridge
 from ipcbridge.vllm.colocate import VllmEngine
@@ -124,7 +124,12 @@ def kv_table(rows: list[str], fences: int) -> list[dict[str, Any]]:
     out = []
     for spec in rows:
         cmd = [sys.executable, os.path.abspath(__file__), "--kv-row", spec, "--fences", str(fences)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=580)
+        try:  # its own session, killed whole on timeout: no EngineCore left holding the GPU
+            r = run_group(cmd, 580, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except subprocess.TimeoutExpired:
+            out.append({"row": spec, "error": "timed out after 580 s"})
+            print(json.dumps(out[-1]), flush=True)
+            continue
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("KVROW ")]
         out.append(json.loads(lines[-1][6:]) if lines else {"row": spec, "error": (r.stderr or r.stdout)[-2000:]})
         print(json.dumps(out[-1]), flush=True)

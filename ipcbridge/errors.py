@@ -60,3 +60,13 @@ _WIRE_TYPES: dict[str, type[IpcBridgeError]] = {
 def error_type(name: object, default: type[IpcBridgeError]) -> type[IpcBridgeError]:
     """The ipcbridge error class called ``name``, or ``default`` for any other name."""
     return _WIRE_TYPES.get(name, default) if isinstance(name, str) else default
+
+
+def reset_failed(where: str) -> BridgeError:
+    """The error for a prefix-cache reset that vLLM reports as failed, said once for every endpoint and
+    control: the blocks computed with the old weights are still there to be hit."""
+    return BridgeError(
+        f"{where}: reset_prefix_cache reported failure (KV blocks still held, e.g. by requests running during "
+        "the fence), so KV computed with the old weights could be reused. Make sure nothing generates during "
+        "bridge.update(), or salt every request (kv_reset='salted')"
+    )

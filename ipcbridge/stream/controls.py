@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from ipcbridge.endpoints import InProcessLeases, OnEventLoop, engine_loop
-from ipcbridge.errors import BridgeError
+from ipcbridge.errors import BridgeError, reset_failed
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class StockControl(InProcessLeases):
     def version(self) -> str:
         raise NotImplementedError
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> bool | None:
+        """Drop the engine's prefix cache; ``False`` if vLLM reports the reset failed."""
         raise NotImplementedError
 
     def resume_generation(self) -> None:
@@ -63,10 +64,12 @@ class StockControl(InProcessLeases):
     def engine_resume(self) -> int:
         """Drop KV computed with the old weights, resume generation (always), count a version."""
         try:
-            self.reset_prefix_cache()
+            reset = self.reset_prefix_cache()
         finally:
             self.resume_generation()
-        self.weight_version += 1
+        self.weight_version += 1  # the weights did change, whatever the reset said
+        if reset is False:
+            raise reset_failed(self.name)
         return self.weight_version
 
     def close(self) -> None:
@@ -121,8 +124,8 @@ class LLMControl(StockControl):
     def engine_pause(self) -> None:
         pass
 
-    def reset_prefix_cache(self) -> None:
-        self.llm.reset_prefix_cache()
+    def reset_prefix_cache(self) -> bool | None:
+        return self.llm.reset_prefix_cache()
 
     def resume_generation(self) -> None:
         pass
@@ -159,8 +162,8 @@ class AsyncLLMControl(OnEventLoop, StockControl):
     def engine_pause(self) -> None:
         self._run(self.engine.pause_generation(mode="wait"))
 
-    def reset_prefix_cache(self) -> None:
-        self._run(self.engine.reset_prefix_cache())
+    def reset_prefix_cache(self) -> bool | None:
+        return self._run(self.engine.reset_prefix_cache())
 
     def resume_generation(self) -> None:
         self._run(self.engine.resume_generation())
@@ -198,8 +201,8 @@ class HttpControl(StockControl):
     def engine_pause(self) -> None:
         self.http.engine_pause()
 
-    def reset_prefix_cache(self) -> None:
-        self.http.reset_prefix_cache()
+    def reset_prefix_cache(self) -> bool | None:
+        return self.http.reset_prefix_cache()
 
     def resume_generation(self) -> None:
         self.http.resume_generation()

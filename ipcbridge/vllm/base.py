@@ -49,7 +49,7 @@ import weakref
 from typing import Any
 
 from ipcbridge.endpoints import InProcessLeases
-from ipcbridge.errors import BridgeError
+from ipcbridge.errors import BridgeError, reset_failed
 from ipcbridge.manifest import Manifest
 from ipcbridge.vllm.features import VllmFeatures
 from ipcbridge.vllm.rpc import decode_reply
@@ -188,13 +188,8 @@ class VllmEndpoint(InProcessLeases):
         self._next_salt_epoch()
         if not self.needs_reset():
             return
-        ok = self.reset_prefix_cache()
-        if ok is False:
-            raise BridgeError(
-                f"{self.where}: reset_prefix_cache reported failure (KV blocks still held, e.g. by requests "
-                "running during the fence), so KV computed with the old weights could be reused. Make sure "
-                "nothing generates during bridge.update(), or salt every request (kv_reset='salted')"
-            )
+        if self.reset_prefix_cache() is False:
+            raise reset_failed(self.where)
 
     def info(self) -> dict[str, Any]:
         """The worker's process and memory facts (``WorkerExtension.ipcbridge_info``)."""

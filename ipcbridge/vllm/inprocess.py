@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ipcbridge.endpoints import InProcessLeases
-from ipcbridge.errors import BridgeError
+from ipcbridge.errors import BridgeError, reset_failed
 from ipcbridge.manifest import Manifest
 from ipcbridge.vllm import endpoints as cross_process
 from ipcbridge.vllm.extension import build_manifest, engine_config_dict, model_parameters, unwrap_model
@@ -109,10 +109,12 @@ class InProcessLLMEndpoint(InProcessLeases):
 
     def engine_resume(self) -> int:
         """Drop the prefix cache (its KV was computed with the old weights), then publish the next version."""
-        self.llm.reset_prefix_cache()
+        reset = self.llm.reset_prefix_cache()
         version = self.engine_weight_version() + 1
         setattr(self.worker, VERSION_ATTR, version)
         self.weight_version = version
+        if reset is False:  # published all the same: the weights did change
+            raise reset_failed(self.name)
         return version
 
     def sample(self, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:

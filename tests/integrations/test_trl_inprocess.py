@@ -29,9 +29,11 @@ class _FakeLLM:
         self.llm_engine = SimpleNamespace(model_executor=executor,
                                           vllm_config=SimpleNamespace(model_config=mc, parallel_config=pc))
         self.resets = 0
+        self.reset_result: bool = True
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> bool:
         self.resets += 1
+        return self.reset_result
 
 
 @pytest.fixture
@@ -63,6 +65,22 @@ def test_attaches_to_the_very_tensors_and_fences(allow_cpu) -> None:
             pass
         assert other.weight_version == 2
         other.close()
+    finally:
+        bridge.close()
+
+
+def test_a_failed_reset_is_an_error_after_the_version_moved_on(allow_cpu) -> None:
+    llm = _FakeLLM(tiny_config("qwen2", tied=True))
+    llm.reset_result = False  # what vLLM answers while requests still hold blocks
+    bridge = ipcbridge.connect(inprocess.endpoint_for(llm))
+    try:
+        with pytest.raises(BridgeError, match="reset_prefix_cache reported failure"), bridge.update():
+            pass
+        assert inprocess.inprocess_worker(llm)._ipcbridge_weight_version == 1  # the weights may have changed
+        llm.reset_result = True
+        with bridge.update():
+            pass
+        assert bridge.weight_version == 2
     finally:
         bridge.close()
 

@@ -211,8 +211,8 @@ class FakeStockEngine(StockControl):
     def engine_pause(self) -> None:
         self.calls.append("pause")
 
-    def reset_prefix_cache(self) -> None:
-        pass
+    def reset_prefix_cache(self) -> bool:
+        return self.fail != "reset"
 
     def resume_generation(self) -> None:
         self.resumes += 1
@@ -340,6 +340,19 @@ def test_a_refused_start_resumes_the_engine_and_the_stream_survives() -> None:
         engine.fail = ""
         sb.push()  # nothing was sent: the group is still in step
         assert_engine_has(engine, model)
+
+
+def test_a_failed_reset_is_reported_after_the_weights_landed_and_the_engine_resumed() -> None:
+    model = trainer_model()
+    engine = engine_for(model, fail="reset")
+    with open_bridge(engine, model) as sb:
+        with pytest.raises(BridgeError, match="reset_prefix_cache reported failure"):
+            sb.push()
+        assert engine.resumes == 1 and engine.weight_version == 1  # counted: the weights did change
+        assert_engine_has(engine, model)
+        engine.fail = ""
+        sb.push()
+        assert sb.weight_version == 2
 
 
 def test_an_engine_dying_mid_push_gives_bridgeerror_quickly_and_resumes_it() -> None:

@@ -144,7 +144,7 @@ def llm():
     from ipcbridge.vllm.extension import EXTENSION_QUALNAME
 
     model_dir = write_model_dir(H.tiny_config("llama"), tempfile.mkdtemp(prefix="ipcbridge-stream-"))
-    with visible_devices("1"), time_limit():
+    with visible_devices(H.physical_gpus("1")), time_limit():
         engine = LLM(model=model_dir, load_format="dummy", enforce_eager=True, skip_tokenizer_init=True,
                      attention_backend="TRITON_ATTN", gpu_memory_utilization=0.3, max_model_len=512, seed=0,
                      dtype="bfloat16", num_gpu_blocks_override=4096, worker_extension_cls=EXTENSION_QUALNAME,
@@ -233,7 +233,7 @@ def server() -> Iterator[str]:
     transfer = json.dumps({"backend": "nccl"})
     with H.vllm_serve("stream_serve", "--dtype", "bfloat16", "--weight-transfer-config", transfer,
                       gpu_memory_utilization=0.3, log="vllm_serve_stream.log",
-                      env={"CUDA_VISIBLE_DEVICES": "1"}) as url:
+                      env={"CUDA_VISIBLE_DEVICES": H.physical_gpus("1")}) as url:
         yield url
 
 

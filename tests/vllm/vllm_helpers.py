@@ -144,6 +144,22 @@ def cuda_allocated() -> int:
     return torch.cuda.memory_allocated()
 
 
+def physical_gpus(indices: str) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a child that must see this process's GPUs ``indices`` (``"1"``, ``"1,2"``:
+    indices as ``torch.cuda`` numbers them here). Where this process runs under ``CUDA_VISIBLE_DEVICES`` (a
+    shared host handing out e.g. ``"4,5"`` or GPU UUIDs), its index 1 is the list's second entry, not
+    physical GPU 1, which the child might not be allowed to see, or which might be another job's."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        return indices
+    out = []
+    for i in (x.strip() for x in indices.split(",") if x.strip()):
+        if not i.isdigit() or int(i) >= len(visible):
+            raise ValueError(f"GPU index {i!r} is not among this process's CUDA_VISIBLE_DEVICES={visible}")
+        out.append(visible[int(i)])
+    return ",".join(out)
+
+
 @contextlib.contextmanager
 def visible_devices(value: str) -> Iterator[None]:
     """``CUDA_VISIBLE_DEVICES=value`` for the processes started inside the block (this process's CUDA, once
@@ -194,6 +210,10 @@ def vllm_serve(what: str, *args: str, gpu_memory_utilization: float, log: str,
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+            with contextlib.suppress(ProcessLookupError):  # the EngineCore may outlive its server's SIGTERM
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
