@@ -113,6 +113,7 @@ def bind(model: nn.Module, views: Mapping[str, torch.Tensor]) -> None:
         v = views[name]
         if tuple(v.shape) != tuple(p.shape):
             raise MappingError(f"{name}: the engine's view has shape {list(v.shape)}, the HF model wants {list(p.shape)}")
+    _check_ties(expected, views)
     # Note [binding by setattr]: what load_state_dict(assign=True) does per parameter, without its walk.
     modules = dict(model.named_modules(remove_duplicate=False))
     params: dict[int, nn.Parameter] = {}
@@ -122,6 +123,19 @@ def bind(model: nn.Module, views: Mapping[str, torch.Tensor]) -> None:
             params[id(v)] = nn.Parameter(v, requires_grad=expected[name].requires_grad)
         owner, _, leaf = name.rpartition(".")
         setattr(modules[owner], leaf, params[id(v)])
+
+
+def _check_ties(expected: Mapping[str, nn.Parameter], views: Mapping[str, torch.Tensor]) -> None:
+    """Names given one tensor must be one Parameter of the HF model too: a peer's plan that ties q_proj to
+    o_proj would otherwise train a model the engine does not serve."""
+    first: dict[int, str] = {}
+    for name, v in views.items():
+        other = first.setdefault(id(v), name)
+        if expected[other] is not expected[name]:
+            raise MappingError(
+                f"{name} and {other} are given the same engine tensor, but the HF model does not tie them; the "
+                "engine's plan or config disagrees with this model (use the engine's own config)"
+            )
 
 
 def verify(model: nn.Module, attachment: Attachment, views: Mapping[str, torch.Tensor]) -> None:

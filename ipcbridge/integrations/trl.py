@@ -200,7 +200,8 @@ class BridgeGeneration(VLLMGeneration):
         elif self.kind == "http":
             self.completion_settings = trl_serve.CompletionSettings(
                 self.max_completion_length, self.temperature, self.top_p, self.top_k, self.min_p,
-                self.repetition_penalty, self.logprobs, self.structured_outputs_regex, dict(self.generation_kwargs))
+                self.repetition_penalty, self.logprobs, self.structured_outputs_regex, dict(self.generation_kwargs),
+                vocab=getattr(getattr(self.bridge.model, "config", None), "vocab_size", None))
             _warn_logprobs_mode(trl_serve.served_logprobs_mode(self.engine), "vllm serve --logprobs-mode "
                                 "processed_logprobs")
         else:
@@ -355,6 +356,12 @@ class GRPOTrainer(trl.GRPOTrainer):
         if not isinstance(bridge, Bridge):
             raise TypeError(f"GRPOTrainer's first argument is an ipcbridge Bridge (ipcbridge.connect(engine)), "
                             f"got {type(bridge).__name__}")
+        bridge._model()  # BridgeError for a closed bridge, before TRL builds anything around model=None
+        if master_weights is not None:
+            from ipcbridge.optim import MODES
+
+            if master_weights not in MODES:  # else refused at train(), after TRL and the trainer are built
+                raise BridgeError(f"GRPOTrainer(master_weights={master_weights!r}): use one of {MODES} or None")
         if model is not None and model is not bridge.model:
             raise BridgeError("GRPOTrainer(model=...) must be bridge.model (or left out): any other model's steps "
                               "never reach the engine")

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +60,7 @@ CHUNK_FRACTION = 0.5
 #: Requests in flight at once (the server batches them; more only queue in vLLM's scheduler).
 MAX_IN_FLIGHT = 64
 _TOKEN_KEY = "token_id:"
+_TOKEN_KEY_RE = re.compile(r"token_id:([0-9]{1,19})")
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,15 @@ class CompletionSettings:
     logprobs: int | None = 0
     structured_outputs_regex: str | None = None
     generation_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The model's vocabulary (``config.vocab_size``): an answer's token ids must lie in it.
+    vocab: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "top_k"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise BridgeError(f"GRPOConfig {name} must be a finite number, got {v!r:.60}; vllm serve's "
+                                  "/v1/completions would refuse the request at the first step")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise BridgeError(f"max_completion_length must be an int >= 1, got {self.max_tokens!r}")
         lp = self.logprobs
@@ -121,27 +131,57 @@ def in_runs(prompts: list[list[int]], g: int) -> bool:
     return all(list(prompts[i]) == list(prompts[i - i % g]) for i in range(len(prompts)))
 
 
-def _token_id(key: str, where: str) -> int:
-    if not (isinstance(key, str) and key.startswith(_TOKEN_KEY) and key[len(_TOKEN_KEY):].lstrip("-").isdigit()):
+def _token_id(key: str, vocab: int | None, where: str) -> int:
+    m = _TOKEN_KEY_RE.fullmatch(key) if isinstance(key, str) else None
+    if m is None:
         raise BridgeError(f"{where}: a top_logprobs key {str(key)[:40]!r} is not 'token_id:<id>'; the server ignored "
                           "return_tokens_as_token_ids (vLLM >= 0.25.1 honours it)")
-    return int(key[len(_TOKEN_KEY):])
+    return _check_ids([int(m[1])], vocab, where, "a top_logprobs token id")[0]
 
 
-def _choice_logprobs(choice: dict[str, Any], tokens: list[int], k: int, where: str) -> tuple[list[Any], list[Any]]:
+def _check_ids(ids: list[Any], vocab: int | None, where: str, what: str) -> list[int]:
+    """``ids`` if every one is a token id of the model (an int in ``[0, vocab)``), else ``BridgeError``: a
+    trainer that embeds an id outside its vocabulary fails far from here (or, on a GPU, with a device assert)."""
+    bad = [t for t in ids if type(t) is not int or t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise BridgeError(f"{where}: {what} {str(bad[:5])[:120]} are not token ids of the model (vocab_size={vocab}); "
+                          "the server serves another model or is not vLLM; connect to the engine you attached to")
+    return ids
+
+
+def _logprob(x: Any, where: str) -> float | None:
+    """A logprob as vLLM writes one: finite (it clamps -inf to -9999) and <= 0, or None."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x > 0:
+        raise BridgeError(f"{where}: logprob {x!r:.40} is not a finite number <= 0; the server is not vLLM or "
+                          "its answer is corrupt")
+    return float(x)
+
+
+def _choice_logprobs(choice: dict[str, Any], tokens: list[int], settings: CompletionSettings,
+                     where: str) -> tuple[list[Any], list[Any]]:
     """Per token: (logprobs best first, their token ids), at most ``k + 1`` each, as TRL's ``extract_logprobs``."""
-    lp = choice.get("logprobs")
-    if not isinstance(lp, dict) or len(lp.get("token_logprobs") or []) != len(tokens):
+    lp, k = choice.get("logprobs"), settings.logprobs or 0
+    if (not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs"), list)
+            or len(lp["token_logprobs"]) != len(tokens)):
         raise BridgeError(f"{where}: logprobs missing or not one per token: {str(lp)[:200]!r}")
     if k == 0:
-        return [[None if x is None else float(x)] for x in lp["token_logprobs"]], [[t] for t in tokens]
+        return [[_logprob(x, where)] for x in lp["token_logprobs"]], [[t] for t in tokens]
+    steps = lp.get("top_logprobs") or [None] * len(tokens)
+    if not isinstance(steps, list) or len(steps) != len(tokens):
+        raise BridgeError(f"{where}: top_logprobs not one per token: {str(steps)[:200]!r}")
     logprobs, ids = [], []
-    for step, tok in zip(lp.get("top_logprobs") or [None] * len(tokens), tokens, strict=True):
+    for step, tok in zip(steps, tokens, strict=True):
         if step is None:
             logprobs.append([None])
             ids.append([tok])
             continue
-        ranked = sorted(((_token_id(key, where), float(v)) for key, v in step.items()), key=lambda kv: -kv[1])
+        if not isinstance(step, dict) or len(step) > k + 1:
+            raise BridgeError(f"{where}: a step's top_logprobs is not a dict of at most logprobs + 1 = {k + 1} "
+                              f"entries: {str(step)[:200]!r}")
+        ranked = sorted(((_token_id(key, settings.vocab, where), _logprob(v, where)) for key, v in step.items()),
+                        key=lambda kv: -kv[1])
         ids.append([t for t, _ in ranked])
         logprobs.append([v for _, v in ranked])
     return logprobs, ids
@@ -165,17 +205,31 @@ def parse_choices(resp: Any, prompts: list[list[int]], n: int, settings: Complet
         if c.get("index") != i or not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise BridgeError(f"{where}: choice {i} has no token_ids (the server ignored return_token_ids; vLLM "
                               f">= 0.25.1 honours it) or a wrong index: {str(c)[:200]!r}")
-        spans = [SimpleNamespace(**s) for s in c.get("weight_versions") or [] if isinstance(s, dict)]
-        served = output_weight_version(SimpleNamespace(weight_versions=spans), version)
-        if served != version:
-            raise BridgeError(f"{where}: choice {i} was sampled with weight version {served}, not the trainer's "
-                              f"{version}; train one policy per engine")
-        prompt = c.get("prompt_token_ids") or prompts[i // n]
+        _check_choice(c, tokens, prompts[i // n], settings, version, f"{where} choice {i}")
+        prompt = list(prompts[i // n])
         if settings.logprobs is None:
-            out.append((list(prompt), tokens, None, None))
+            out.append((prompt, tokens, None, None))
         else:
-            out.append((list(prompt), tokens, *_choice_logprobs(c, tokens, settings.logprobs, f"{where} choice {i}")))
+            out.append((prompt, tokens, *_choice_logprobs(c, tokens, settings, f"{where} choice {i}")))
     return out
+
+
+def _check_choice(c: dict[str, Any], tokens: list[int], prompt: list[int], settings: CompletionSettings,
+                  version: int, where: str) -> None:
+    """A choice answers its own prompt, with token ids of the model, no longer than asked, by ``version``."""
+    _check_ids(tokens, settings.vocab, where, "token_ids")
+    limit = settings.generation_kwargs.get("max_tokens", settings.max_tokens)
+    if isinstance(limit, int) and len(tokens) > limit:
+        raise BridgeError(f"{where}: {len(tokens)} tokens, more than max_tokens={limit}; the server is not vLLM")
+    echoed = c.get("prompt_token_ids")
+    if echoed is not None and echoed != list(prompt):
+        raise BridgeError(f"{where}: prompt_token_ids {str(echoed)[:80]} are not the prompt sent "
+                          f"({str(list(prompt))[:80]}); the answer belongs to another request")
+    spans = [SimpleNamespace(**s) for s in c.get("weight_versions") or [] if isinstance(s, dict)]
+    served = output_weight_version(SimpleNamespace(weight_versions=spans), version)
+    if served != version:
+        raise BridgeError(f"{where} was sampled with weight version {served}, not the trainer's "
+                          f"{version}; train one policy per engine")
 
 
 def generate(endpoint: HttpEndpoint, settings: CompletionSettings, prompts: list[list[int]], num_generations: int,

@@ -166,6 +166,7 @@ class LoaderPlan:
                 "did not export; the plan and the manifest come from different models"
             )
         out = {la.hf: la.view(tensors[la.target]) for la in self.landings}
+        _check_no_shared_memory(out)
         for name, to in self.tied.items():
             out[name] = out[to]
         return out
@@ -187,6 +188,23 @@ class LoaderPlan:
         landings = tuple(Landing.from_dict(la, f"loader_plan.landings[{i}]") for i, la in enumerate(d["landings"]))
         return cls(model_type=d["model_type"], landings=landings, tied=dict(d["tied"]), source=d["source"],
                    format_version=d["format_version"])
+
+
+def _check_no_shared_memory(views: Mapping[str, torch.Tensor]) -> None:
+    """No two landings' views share memory, across targets too: a manifest may describe two "different"
+    engine tensors over the same bytes, which the per-target check of the plan cannot see."""
+    spans = sorted((v.data_ptr(), v.data_ptr() + _extent_bytes(v), n) for n, v in views.items() if v.numel())
+    for (_, a_end, a), (b_start, _, b) in itertools.pairwise(spans):
+        if b_start < a_end:
+            raise MappingError(
+                f"the loader plan lands {a!r} and {b!r} in overlapping engine memory (the manifest's tensors alias "
+                "each other), so each would get the other's update; the manifest and plan were not written by "
+                "the engine's export"
+            )
+
+
+def _extent_bytes(v: torch.Tensor) -> int:
+    return (sum((n - 1) * s for n, s in zip(v.shape, v.stride(), strict=True)) + 1) * v.element_size()
 
 
 def table_plan(vllm_shapes: Mapping[str, Sequence[int]], config: Any) -> LoaderPlan:

@@ -61,6 +61,18 @@ BUFFER_NAME = "buffers"
 _INTERRUPTED = b"interrupted"
 
 
+#: The longest wait for the peer a stream accepts (a day): beyond it ``timedelta`` overflows.
+MAX_TIMEOUT = 86400.0
+
+
+def check_timeout(timeout: Any) -> float:
+    """A positive, finite number of seconds of at most :data:`MAX_TIMEOUT`, else ``BridgeError``."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+        raise BridgeError(f"an IPC stream's timeout must be seconds in (0, {MAX_TIMEOUT:.0f}], got {timeout!r:.40}; "
+                          "pass the seconds to wait for the peer")
+    return float(timeout)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
@@ -115,7 +127,7 @@ class IpcChannel:
         self.store: Any = store
         self.rank = rank
         self.device = torch.device(device)
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self._posted = 0  # buckets posted since the stream opened: the sequence number of the next
         self._loaded = 0  # rank 1: buckets copied out
 
@@ -172,9 +184,9 @@ def open_buffers(manifest_json: str, buffer_bytes: int) -> tuple[OpenedManifest,
     try:
         flat = opened.tensors.get(BUFFER_NAME)
         if (len(opened.tensors) != 1 or flat is None or flat.dtype != torch.uint8 or flat.dim() != 1
-                or flat.numel() != 2 * buffer_bytes):
-            raise ValueError(f"the stream's buffer manifest must hold one 1-d uint8 tensor {BUFFER_NAME!r} of "
-                             f"{2 * buffer_bytes} bytes; use the same ipcbridge in the trainer and the engine")
+                or flat.numel() != 2 * buffer_bytes or not flat.is_contiguous()):
+            raise ManifestError(f"the stream's buffer manifest must hold one 1-d uint8 tensor {BUFFER_NAME!r} of "
+                             f"{2 * buffer_bytes} contiguous bytes; use the same ipcbridge in the trainer and the engine")
     except BaseException:
         opened.close()
         raise
@@ -190,6 +202,7 @@ class IpcStreamReceiver(StreamReceiver):
     def init_ipc(self, stream_id: str, host: str, port: int, timeout: float, plan_dict: Any,
                  manifest_json: str) -> None:
         """Check the plan, map the trainer's buffer and connect to its store; replaces any previous stream."""
+        check_timeout(timeout)
         with self._lock:
             plan = StreamPlan.from_dict(plan_dict)
             self._check_plan(plan)

@@ -122,7 +122,7 @@ def output_weight_version(completion: Any, fallback: int) -> int:
         raise BridgeError(f"one vLLM output was sampled under weight versions {sorted(versions)}; a fence let "
                           "generation run during an update")
     (v,) = versions
-    return int(v) if v.isdigit() else fallback
+    return int(v) if v.isascii() and v.isdigit() else fallback  # "²".isdigit(), but int("²") fails
 
 
 def salted_prompt(prompt: list[int], salt: str | None) -> dict[str, Any]:

@@ -123,6 +123,23 @@ def test_generation_is_refused_loudly_for_settings_the_engine_lacks(engine, tmp_
         bridge.close()
 
 
+def test_a_closed_bridge_or_an_unknown_master_mode_is_refused_before_trl_runs(engine, tmp_path) -> None:
+    """A closed bridge has model None: TRL would be handed model=None and fail deep in its own code; an
+    unknown master_weights mode would only fail at train(), after everything was built."""
+    from trl.trainer import grpo_trainer
+
+    original = grpo_trainer.VLLMGeneration
+    bridge = ipcbridge.connect(engine)
+    try:
+        with pytest.raises(BridgeError, match="master_weights='fp64'"):
+            bridge_trl.GRPOTrainer(bridge, reward_funcs=[], args=_args(tmp_path), master_weights="fp64")
+    finally:
+        bridge.close()
+    with pytest.raises(BridgeError, match="closed"):
+        bridge_trl.GRPOTrainer(bridge, reward_funcs=[], args=_args(tmp_path))
+    assert grpo_trainer.VLLMGeneration is original
+
+
 def test_the_local_generation_contract(engine, tmp_path) -> None:
     """TRL's (prompt_ids, completion_ids, logprobs, logprob_token_ids), runs of a prompt as one n-request,
     logprobs after the temperature (what TRL's trainer side computes)."""

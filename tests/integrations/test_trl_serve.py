@@ -204,3 +204,47 @@ def test_the_llm_path_salts_and_checks_versions() -> None:
     with pytest.raises(BridgeError, match="weight version 3, not the trainer's 4"):
         bridge_trl._VersionedLLM(llm, None, bridge).generate([{"prompt_token_ids": [1]}])
     assert calls[-1] == [{"prompt_token_ids": [1]}]  # unsalted without kv_reset='salted'
+
+
+def _one(tokens, token_logprobs=None, top=None, **extra):
+    c = {"index": 0, "token_ids": tokens, **extra}
+    if token_logprobs is not None:
+        c["logprobs"] = {"token_logprobs": token_logprobs, "top_logprobs": top}
+    return {"choices": [c]}
+
+
+@pytest.mark.parametrize(("resp", "logprobs", "message"), [
+    (_one([5, 10**6]), None, "not token ids of the model"),  # out of the vocabulary
+    (_one([-3]), None, "not token ids of the model"),
+    (_one([True]), None, "not token ids of the model"),
+    (_one([5] * 9), None, "more than max_tokens=4"),
+    (_one([5], prompt_token_ids=[9, 9]), None, "not the prompt sent"),
+    (_one([5], [float("nan")]), 0, "not a finite number <= 0"),
+    (_one([5], [float("inf")]), 0, "not a finite number <= 0"),
+    (_one([5], [0.5]), 0, "not a finite number <= 0"),
+    (_one([5], ["-1.0"]), 0, "not a finite number <= 0"),
+    (_one([5], [{"a": 1}]), 0, "not a finite number <= 0"),
+    (_one([5], [-1.0], [{"token_id:5": -1.0}, {"token_id:6": -1.0}]), 1, "not one per token"),
+    (_one([5], [-1.0], [["token_id:5"]]), 1, "not a dict"),
+    (_one([5], [-1.0], [{f"token_id:{t}": -1.0 for t in range(9)}]), 1, "at most logprobs"),
+    (_one([5], [-1.0], [{"token_id:²": -1.0}]), 1, "return_tokens_as_token_ids"),
+    (_one([5], [-1.0], [{"token_id:-5": -1.0}]), 1, "return_tokens_as_token_ids"),
+    (_one([5], [-1.0], [{"token_id:999999": -1.0}]), 1, "not token ids of the model"),
+    (_one([5], [-1.0], [{"token_id:5": float("nan")}]), 1, "not a finite number <= 0"),
+    (_one([5], weight_versions=[{"version": "²"}]), None, None),  # an unparseable version: the fallback, no crash
+])
+def test_a_hostile_completions_answer_is_a_bridge_error(resp, logprobs, message) -> None:
+    """Every malformed /v1/completions answer is a BridgeError naming the fault, never a TypeError or
+    ValueError from deep inside, and never a token id the trainer cannot embed."""
+    settings = trl_serve.CompletionSettings(4, logprobs=logprobs, vocab=100)
+    if message is None:
+        assert trl_serve.parse_choices(resp, [[2]], 1, settings, 0, "here")[0][1] == [5]
+        return
+    with pytest.raises(BridgeError, match=message):
+        trl_serve.parse_choices(resp, [[2]], 1, settings, 0, "here")
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "repetition_penalty"])
+def test_non_finite_sampling_settings_are_refused_at_construction(field) -> None:
+    with pytest.raises(BridgeError, match=f"{field} must be a finite number"):
+        trl_serve.CompletionSettings(4, **{field: float("nan")})

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from ipcbridge.errors import BridgeError
+from ipcbridge.errors import BridgeError, ManifestError
 from ipcbridge.handles import export
 from ipcbridge.stream import protocol
 from ipcbridge.stream.group import client_store, master_store
@@ -121,8 +121,31 @@ def test_open_buffers_refuses_anything_but_one_flat_buffer_of_the_plans_size() -
     opened.close()
     for bad in ({BUFFER_NAME: flat[:-1]}, {BUFFER_NAME: flat.view(torch.int8)}, {"other": flat},
                 {BUFFER_NAME: flat, "extra": torch.zeros(1)}):
-        with pytest.raises(ValueError, match="one 1-d uint8 tensor"):
+        with pytest.raises(ManifestError, match="one 1-d uint8 tensor"):
             open_buffers(export(bad, layout="meta").to_json(), plan.buffer_bytes)
+
+
+def test_a_strided_buffer_of_the_right_length_is_refused() -> None:
+    """A hostile trainer's manifest: one 1-d uint8 tensor of the right numel, but every other byte of a
+    larger storage; the halves would not be the bytes the trainer packs."""
+    plan = plan_buckets(weights(), 300)
+    flat = torch.zeros(4 * plan.buffer_bytes, dtype=torch.uint8)
+    strided = flat[::2]  # kept alive: the export holds weak references
+    with pytest.raises(ManifestError, match="contiguous"):
+        open_buffers(export({BUFFER_NAME: strided}, layout="meta").to_json(), plan.buffer_bytes)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, 1e300, float("nan"), True, "10"])
+def test_a_timeout_no_deadline_can_be_made_of_is_refused_before_anything_is_mapped(timeout) -> None:
+    """``parse_float`` lets 1e300 through: ``timedelta`` would overflow at the first wait (an OverflowError
+    mid-stream); zero or negative would be no deadline at all."""
+    receiver = IpcStreamReceiver(weights(), torch.device("cpu"))
+    plan = plan_buckets(weights(), 300)
+    with pytest.raises(BridgeError, match="timeout must be seconds"):
+        receiver.init_ipc("s", "127.0.0.1", 1, timeout, plan.to_dict(), "{}")
+    assert receiver._opened is None
+    with pytest.raises(BridgeError, match="timeout must be seconds"):
+        IpcChannel(None, 1, "cpu", timeout)
 
 
 # ---- a real second process maps the trainer's buffer ---------------------------------------------------
