@@ -24,6 +24,7 @@ from ipcbridge.errors import BridgeError, MappingError
 from ipcbridge.handles import OpenedManifest, open_manifest
 from ipcbridge.hf import build_meta_model, materialize_buffers, to_hf_config
 from ipcbridge.manifest import Manifest
+from ipcbridge.mapping.derived import check_no_shared_memory
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +140,12 @@ def _check_ties(expected: Mapping[str, nn.Parameter], views: Mapping[str, torch.
 
 
 def verify(model: nn.Module, attachment: Attachment, views: Mapping[str, torch.Tensor]) -> None:
-    """No parameter on meta, every parameter inside an exported storage, dtypes and shapes as exported.
+    """No parameter on meta, every parameter inside an exported storage, dtypes and shapes as exported, no
+    two distinct parameters over the same bytes.
 
     One walk over the parameters (tied ones under each of their names), as :meth:`Attachment.outside`'s.
     """
-    outside = []
+    outside, distinct = [], {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.is_meta:
             raise BridgeError(f"{name} is still on the meta device after attach")
@@ -152,6 +154,9 @@ def verify(model: nn.Module, attachment: Attachment, views: Mapping[str, torch.T
             raise BridgeError(f"{name}: bound as {p.dtype}{list(p.shape)}, exported {v.dtype}{list(v.shape)}")
         if not attachment.owns(p):
             outside.append(name)
+        distinct.setdefault(id(p), (name, p))
+    # Tied names are one Parameter; any two distinct ones must not share a byte, whichever path bound them.
+    check_no_shared_memory(dict(distinct.values()))
     if outside:
         raise BridgeError(
             f"{outside[:8]} do not lie in the engine's memory (copied or resized); see Note [IPC tensors must "

@@ -155,3 +155,16 @@ def test_verify_refuses_a_copied_or_retyped_parameter_naming_it() -> None:
     norm.weight = torch.nn.Parameter(torch.empty(64, device="meta"))
     with pytest.raises(BridgeError, match=r"model\.norm\.weight is still on the meta device"):
         verify(model, attachment, views)
+
+
+def test_a_manifest_whose_tensors_alias_each_other_is_refused_on_the_table_path() -> None:
+    # A hostile producer describes o_proj over the first rows of qkv_proj's bytes: each would get the other's
+    # update. The table binds names, not bytes, so only the memory check can see it.
+    cfg = tiny_config("llama")
+    weights = vllm_weights(reference_model(cfg), cfg)
+    o = "model.layers.0.self_attn.o_proj.weight"
+    qkv = weights["model.layers.0.self_attn.qkv_proj.weight"]
+    assert qkv.shape[0] >= weights[o].shape[0] and qkv.shape[1] == weights[o].shape[1]
+    weights[o] = qkv[: weights[o].shape[0]]
+    with pytest.raises(MappingError, match="overlapping engine memory"):
+        ipcbridge.attach(ipcbridge.export(weights, cfg))

@@ -166,7 +166,7 @@ class LoaderPlan:
                 "did not export; the plan and the manifest come from different models"
             )
         out = {la.hf: la.view(tensors[la.target]) for la in self.landings}
-        _check_no_shared_memory(out)
+        check_no_shared_memory(out)
         for name, to in self.tied.items():
             out[name] = out[to]
         return out
@@ -190,16 +190,17 @@ class LoaderPlan:
                    format_version=d["format_version"])
 
 
-def _check_no_shared_memory(views: Mapping[str, torch.Tensor]) -> None:
-    """No two landings' views share memory, across targets too: a manifest may describe two "different"
-    engine tensors over the same bytes, which the per-target check of the plan cannot see."""
+def check_no_shared_memory(views: Mapping[str, torch.Tensor]) -> None:
+    """``MappingError`` if two of ``views`` (distinct parameters) share memory, across engine tensors too: a
+    manifest may describe two "different" engine tensors over the same bytes, which neither a table nor the
+    per-target check of a plan can see. Each would then get the other's update."""
     spans = sorted((v.data_ptr(), v.data_ptr() + _extent_bytes(v), n) for n, v in views.items() if v.numel())
     for (_, a_end, a), (b_start, _, b) in itertools.pairwise(spans):
         if b_start < a_end:
             raise MappingError(
-                f"the loader plan lands {a!r} and {b!r} in overlapping engine memory (the manifest's tensors alias "
-                "each other), so each would get the other's update; the manifest and plan were not written by "
-                "the engine's export"
+                f"{a!r} and {b!r} are bound to overlapping engine memory (the manifest's tensors alias each "
+                "other), so each would get the other's update; the manifest was not written by the engine's "
+                "export, ask the engine for a fresh one"
             )
 
 
