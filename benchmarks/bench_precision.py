@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ipcbridge.optim import master_weights
+from tests.optim.reference import ClassicMixedPrecision
 
 VARIANTS = ("plain bf16", "remainder", "fp32", "stochastic")
 
@@ -47,29 +48,12 @@ def batches(steps: int, vocab: int = 512) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (8, 64), generator=g) for _ in range(steps)]
 
 
-class ClassicMixedPrecision:
-    """The reference: fp32 masters, the optimizer on them, bf16 weights their round-to-nearest copy."""
-
-    def __init__(self, model: torch.nn.Module, lr: float) -> None:
-        self.params = list(model.parameters())
-        self.masters = [p.detach().float().clone().requires_grad_() for p in self.params]
-        self.opt = torch.optim.AdamW(self.masters, lr=lr)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for m, p in zip(self.masters, self.params, strict=True):
-            m.grad = p.grad.float()
-        self.opt.step()
-        for m, p in zip(self.masters, self.params, strict=True):
-            p.copy_(m)
-
-
 def train(variant: str, lr: float, data: list[torch.Tensor]) -> tuple[list[torch.Tensor], float, float]:
     """Train one variant; returns its final weights, mean fraction changed per step, extra bytes/param."""
     model = make_model(0)
     params = list(model.parameters())
     if variant == "reference":
-        opt: Any = ClassicMixedPrecision(model, lr)
+        opt: Any = ClassicMixedPrecision(model, lambda masters: torch.optim.AdamW(masters, lr=lr))
     elif variant == "plain bf16":
         opt = torch.optim.AdamW(params, lr=lr)
     else:

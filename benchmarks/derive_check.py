@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from _common import one, run_child
+from _common import llama_8b_config, one, run_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -143,19 +143,17 @@ def run_all(archs: list[str], jobs: int, timeout: float, out: str, logs: str | N
     return 1 if bad else 0
 
 
-def cpu_memory(layers: int = 32) -> dict[str, Any]:
+def cpu_memory() -> dict[str, Any]:
     """Peak RSS of recording an 8B-shaped Llama's plan over meta parameters (no GPU, no vLLM)."""
     import resource
 
     import torch
-    import transformers as tf
 
     from ipcbridge.mapping.derived import differences, table_plan
     from ipcbridge.vllm.loader_plan import hf_parameters, record_loader_plan
     from tests.vllm.test_loader_plan import meta_vllm_params, vllm_like_loader
 
-    cfg = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    cfg = llama_8b_config()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shapes, tied = hf_parameters(cfg, torch.bfloat16)
     params = meta_vllm_params(shapes, cfg)

@@ -11,7 +11,8 @@ Note [private torch APIs]
     - :func:`storage_key`: ``UntypedStorage._cdata``, the StorageImpl's address, the one identity that
       survives ``share_memory_()`` moving the bytes (``data_ptr()`` changes);
     - :func:`module_buffers`: ``nn.Module._buffers``, to move buffers without ``Module.to()``, which would
-      also re-assign parameters that must stay views of an engine's memory.
+      also re-assign parameters that must stay views of an engine's memory;
+    - :func:`tensor_version`: ``Tensor._version``, the in-place write counter the step guard reads.
     A release that drops one fails the CPU contract test (``tests/test_torch_private.py``) loudly, and a
     changed tuple raises ``BridgeError`` naming ``torch.__version__`` instead of unpacking garbage.
 """

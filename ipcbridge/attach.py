@@ -24,7 +24,7 @@ from ipcbridge.errors import BridgeError, MappingError
 from ipcbridge.handles import OpenedManifest, open_manifest
 from ipcbridge.hf import build_meta_model, materialize_buffers, to_hf_config
 from ipcbridge.manifest import Manifest
-from ipcbridge.mapping.derived import check_no_shared_memory
+from ipcbridge.mapping.derived import check_no_shared_memory, span_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Attachment:
             return True
         start = t.data_ptr()
         i = bisect.bisect_right(self._starts, start) - 1
-        return i >= 0 and start + _span_bytes(t) <= self._reach[i]
+        return i >= 0 and start + span_bytes(t) <= self._reach[i]
 
     def outside(self, model: nn.Module) -> list[str]:
         """The names of ``model``'s parameters whose bytes do not lie in the engine's memory: copied,
@@ -81,10 +81,6 @@ class Attachment:
 #     start at or before it reaches its end. So the ranges are sorted once and each check is one bisection;
 #     ranges may overlap or nest (storages of one CUDA segment, or a hostile manifest) without changing
 #     the answer, which is the same "inside one range" test as before, never "inside their union".
-
-
-def _span_bytes(t: torch.Tensor) -> int:
-    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=False))) * t.element_size()
 
 
 # Note [binding by setattr]
@@ -236,9 +232,11 @@ def vllm_views(tensors: Mapping[str, torch.Tensor], config: Any,
     the wrong elements."""
     from ipcbridge.mapping.derived import LoaderPlan, differences, table_plan
 
-    plan = None if loader_plan is None else LoaderPlan.from_dict(loader_plan)
-    if plan is None or not mapping.has_table(config):
-        return mapping.hf_views(tensors, config) if plan is None else plan.views(tensors)
+    if loader_plan is None:
+        return mapping.hf_views(tensors, config)
+    plan = LoaderPlan.from_dict(loader_plan)
+    if not mapping.has_table(config):
+        return plan.views(tensors)
     diff = differences(plan, table_plan({n: tuple(t.shape) for n, t in tensors.items()}, config))
     if diff:
         raise MappingError(

@@ -75,6 +75,10 @@ class CheckReport:
                 and self.parity_ok is not False)
 
 
+#: What every method of a closed Bridge raises.
+_CLOSED = "this Bridge is closed; call ipcbridge.connect(...) again"
+
+
 def _first(names: list[str], n: int = 4) -> str:
     """The first ``n`` of ``names`` and how many there are, for messages."""
     more = f" and {len(names) - n} more" if len(names) > n else ""
@@ -136,19 +140,19 @@ class Bridge:
 
     def _model(self) -> nn.Module:
         if self.model is None:
-            raise BridgeError("this Bridge is closed; call ipcbridge.connect(...) again")
+            raise BridgeError(_CLOSED)
         return self.model
 
     def _attached(self) -> tuple[nn.Module, Attachment]:
         model, att = self._model(), self._attachment
         if att is None:  # close() clears both; nothing else does
-            raise BridgeError("this Bridge is closed; call ipcbridge.connect(...) again")
+            raise BridgeError(_CLOSED)
         return model, att
 
     def _checked_watch(self) -> guard.Watch:
         watch = self._watch
         if watch is None:
-            raise BridgeError("this Bridge is closed; call ipcbridge.connect(...) again")
+            raise BridgeError(_CLOSED)
         return watch
 
     @contextmanager

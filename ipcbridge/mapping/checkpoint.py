@@ -29,7 +29,6 @@ for exactly the HF tensors they apply to.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +37,6 @@ from typing import Any
 import torch
 
 from ipcbridge.errors import MappingError
-
-logger = logging.getLogger(__name__)
 
 #: What a regex pattern may hold and still be a plain substring (escaped dots).
 _PLAIN = re.compile(r"^(?:[A-Za-z0-9_*]|\\\.|\.)+$")

@@ -194,7 +194,7 @@ def check_no_shared_memory(views: Mapping[str, torch.Tensor]) -> None:
     """``MappingError`` if two of ``views`` (distinct parameters) share memory, across engine tensors too: a
     manifest may describe two "different" engine tensors over the same bytes, which neither a table nor the
     per-target check of a plan can see. Each would then get the other's update."""
-    spans = sorted((v.data_ptr(), v.data_ptr() + _extent_bytes(v), n) for n, v in views.items() if v.numel())
+    spans = sorted((v.data_ptr(), v.data_ptr() + span_bytes(v), n) for n, v in views.items() if v.numel())
     for (_, a_end, a), (b_start, _, b) in itertools.pairwise(spans):
         if b_start < a_end:
             raise MappingError(
@@ -204,7 +204,8 @@ def check_no_shared_memory(views: Mapping[str, torch.Tensor]) -> None:
             )
 
 
-def _extent_bytes(v: torch.Tensor) -> int:
+def span_bytes(v: torch.Tensor) -> int:
+    """Bytes from ``v``'s first element to one past its last (non-negative strides; ``v`` has elements)."""
     return (sum((n - 1) * s for n, s in zip(v.shape, v.stride(), strict=True)) + 1) * v.element_size()
 
 

@@ -49,8 +49,6 @@ def make_slot(param: torch.Tensor, mode: str) -> Slot:
                 Exceptions.none(param.device))
 
 
-
-
 def pack_masters(mode: str, slots: list[Slot], generators: dict[torch.device, torch.Generator]) -> dict[str, Any]:
     """What resuming needs beyond the wrapped optimizer's state: remainders, fp32 masters or RNG states."""
     packed: dict[int, dict[str, torch.Tensor]] = {}

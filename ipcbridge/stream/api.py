@@ -46,9 +46,12 @@ logger = logging.getLogger(__name__)
 RECEIVERS = ("ipcbridge", "vllm", "ipc")
 
 
+def _vllm_object(target: Any) -> bool:
+    return type(target).__module__.split(".")[0] == "vllm"
+
+
 def _is_vllm(target: Any) -> bool:
-    return (isinstance(target, str) and target.startswith(("http://", "https://"))) or \
-        type(target).__module__.split(".")[0] == "vllm"
+    return (isinstance(target, str) and target.startswith(("http://", "https://"))) or _vllm_object(target)
 
 
 class VllmReceiverEndpoint:
@@ -139,7 +142,7 @@ def _sleep_mode(engine: Any) -> bool:
 def _streaming_endpoint(target: Any) -> Any:
     """The endpoint of ``target`` for streaming: for ``LLM``/``AsyncLLM`` without the aliasing-only refusals
     (Note [one GPU: the shared buffer]); anything else as :func:`~ipcbridge.endpoints.resolve_endpoint` has it."""
-    if type(target).__module__.split(".")[0] == "vllm":
+    if _vllm_object(target):
         from ipcbridge.vllm.endpoints import endpoint_for
 
         return endpoint_for(target, streaming=True)

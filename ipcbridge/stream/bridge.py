@@ -57,7 +57,7 @@ from ipcbridge.manifest import Manifest
 from ipcbridge.stream.calls import EngineCall, failure
 from ipcbridge.stream.group import TorchGroup, check_backend, master_store
 from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, Bucket, StreamPlan, plan_buckets, unpack
-from ipcbridge.stream.protocol import READY_KEY, send
+from ipcbridge.stream.protocol import READY_KEY, new_buffers, send
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,7 @@ class StreamBridge:
 
     def _send_buffers(self) -> list[torch.Tensor]:
         if self._buffers is None:
-            self._buffers = [torch.empty(self.plan.buffer_bytes, dtype=torch.uint8, device=self._buffer_device)
-                             for _ in range(2)]
+            self._buffers = new_buffers(self.plan, self._buffer_device)
         return self._buffers
 
     @property

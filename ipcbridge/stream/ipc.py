@@ -239,7 +239,6 @@ class IpcStreamBridge(StreamBridge):
     Made by :func:`ipcbridge.stream` for an engine on the trainer's own GPU. The buffer (two halves of
     ``plan.buffer_bytes``) is allocated and exported once, at connect, and kept until :meth:`close`."""
 
-    _flat: torch.Tensor | None = None
     _manifest_json = ""
 
     @staticmethod
@@ -263,12 +262,11 @@ class IpcStreamBridge(StreamBridge):
                 f"the trainer cannot share its stream buffer ({e}). The trainer process runs with "
                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; unset it in the trainer (the engine may keep it)"
             ) from None
-        self._flat = flat
         self._buffers = [flat[: self.plan.buffer_bytes], flat[self.plan.buffer_bytes:]]
         try:
             super()._connect()
         except BaseException:
-            self._flat, self._buffers = None, None
+            self._buffers = None
             raise
 
     def _engine_init(self, port: int) -> None:
@@ -283,7 +281,3 @@ class IpcStreamBridge(StreamBridge):
         if self._buffers is None:
             raise BridgeError("this weight stream is closed; open a new one with ipcbridge.stream(engine, model)")
         return self._buffers
-
-    def _close_group(self, abort: bool = False) -> None:
-        super()._close_group(abort)
-        self._flat = None

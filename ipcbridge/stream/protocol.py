@@ -65,10 +65,15 @@ def _drain(works: Iterable[Work | None]) -> None:
                 logger.debug("a pending broadcast failed while unwinding", exc_info=True)
 
 
+def new_buffers(plan: StreamPlan, device: torch.device | str) -> list[torch.Tensor]:
+    """The two flat buffers of Note [double buffering], each ``plan.buffer_bytes`` long, on ``device``."""
+    return [torch.empty(plan.buffer_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+
+
 def _buffers(plan: StreamPlan, device: torch.device | str,
              given: Sequence[torch.Tensor] | None = None) -> Sequence[torch.Tensor]:
     if given is None:
-        return [torch.empty(plan.buffer_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        return new_buffers(plan, device)
     if len(given) != 2 or any(b.dtype != torch.uint8 or b.dim() != 1 or b.numel() < plan.buffer_bytes
                               for b in given):
         raise ValueError(f"pass two 1-d uint8 buffers of at least plan.buffer_bytes ({plan.buffer_bytes}) bytes")

@@ -28,7 +28,7 @@ import torch
 
 from ipcbridge.stream.group import TorchGroup, check_backend, client_store
 from ipcbridge.stream.plan import StreamPlan
-from ipcbridge.stream.protocol import READY_KEY, receive
+from ipcbridge.stream.protocol import READY_KEY, new_buffers, receive
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ class StreamReceiver:
                     raise RuntimeError("weights can be streamed in only while the engine is paused; pause first")
                 device = self.device if self.backend == "nccl" else torch.device("cpu")
                 if self._buffers is None:
-                    self._buffers = [torch.empty(self.plan.buffer_bytes, dtype=torch.uint8, device=device)
-                                     for _ in range(2)]
+                    self._buffers = new_buffers(self.plan, device)
                 with lock:
                     nbytes = receive(group, self.plan, self._load, device=device, buffers=self._buffers)
                     if self.device.type == "cuda":

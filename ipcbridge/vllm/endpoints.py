@@ -146,6 +146,18 @@ def probe_features(engine: Any, vllm_config: Any, features: VllmFeatures | None)
     return found
 
 
+def _configure(endpoint: VllmEndpoint, engine: Any, vllm_config: Any, what: str, timeout: float | None,
+               kv_reset: str, features: VllmFeatures | None, streaming: bool) -> None:
+    """What both in-process endpoints set up alike: the engine's config checked (:func:`_check_engine_config`),
+    ``kv_reset`` checked, features probed, the lease gate keyed by the engine object."""
+    _check_engine_config(vllm_config, what, streaming)
+    endpoint.kv_reset = check_kv_reset(kv_reset)
+    endpoint.features = probe_features(engine, vllm_config, features)
+    endpoint.gate_key = engine
+    endpoint.timeout = timeout
+    endpoint.weight_version = 0
+
+
 class LLMEndpoint(VllmEndpoint):
     """The control channel of an offline ``vllm.LLM``. See Note [the LLM fence]."""
 
@@ -153,13 +165,8 @@ class LLMEndpoint(VllmEndpoint):
 
     def __init__(self, llm: Any, timeout: float | None = 300.0, *, kv_reset: str = "always",
                  features: VllmFeatures | None = None, streaming: bool = False) -> None:
-        _check_engine_config(llm.llm_engine.vllm_config, "vllm.LLM", streaming)
-        self.kv_reset = check_kv_reset(kv_reset)
-        self.features = probe_features(llm, llm.llm_engine.vllm_config, features)
+        _configure(self, llm, llm.llm_engine.vllm_config, "vllm.LLM", timeout, kv_reset, features, streaming)
         self.llm = llm
-        self.gate_key = llm
-        self.timeout = timeout
-        self.weight_version = 0
 
     def collective_rpc(self, method: str, *args: Any) -> Any:
         try:
@@ -219,13 +226,8 @@ class AsyncLLMEndpoint(OnEventLoop, VllmEndpoint):
     def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop | None = None,
                  timeout: float | None = 600.0, *, kv_reset: str = "always",
                  features: VllmFeatures | None = None, streaming: bool = False) -> None:
-        _check_engine_config(engine.vllm_config, "AsyncLLM", streaming)
-        self.kv_reset = check_kv_reset(kv_reset)
-        self.features = probe_features(engine, engine.vllm_config, features)
+        _configure(self, engine, engine.vllm_config, "AsyncLLM", timeout, kv_reset, features, streaming)
         self.engine = engine
-        self.gate_key = engine
-        self.timeout = timeout
-        self.weight_version = 0
         self.loop = engine_loop(engine, loop)
 
     def collective_rpc(self, method: str, *args: Any) -> Any:

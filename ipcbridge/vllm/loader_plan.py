@@ -107,7 +107,7 @@ def _explicit(t: _Ids) -> _Ids:
     """``t``'s values written out: its flat indices into the HF tensor, implied by its view of the root."""
     if not _symbolic(t):
         return t
-    out = affine_values(t.storage_offset(), t.stride(), tuple(t.shape)).view(t.shape).as_subclass(_Ids)
+    out = _offsets(t).view(t.shape).as_subclass(_Ids)
     _tag(out, t._ipcbridge_hf or "?", None)
     return out
 

@@ -7,9 +7,10 @@ import torch
 
 from ipcbridge.optim import batch, kernels, master_weights
 from ipcbridge.optim.codec import encode_remainder
+from tests.optim.reference import ClassicMixedPrecision
 from tests.optim.test_batch import on_flat
 from tests.optim.test_codec import _edge_masters
-from tests.optim.test_master import Classic, backward, bits, tiny_llama
+from tests.optim.test_master import backward, bits, tiny_llama
 
 pytestmark = [
     pytest.mark.gpu,
@@ -65,8 +66,7 @@ def test_equals_classic_mixed_precision_on_cuda(impl, mode):
     ours, theirs = tiny_llama(torch.bfloat16).cuda(), tiny_llama(torch.bfloat16).cuda()
     opt = master_weights(torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.1, **impl), mode,
                          chunk_bytes=64 * 1024)
-    ref = Classic(theirs, 1e-3)
-    ref.opt = torch.optim.AdamW(ref.masters, lr=1e-3, weight_decay=0.1, **impl)
+    ref = ClassicMixedPrecision(theirs, lambda masters: torch.optim.AdamW(masters, lr=1e-3, weight_decay=0.1, **impl))
     for step in range(20):
         backward(ours, step)
         backward(theirs, step)

@@ -16,6 +16,7 @@ from ipcbridge import PrecisionError
 from ipcbridge.optim import master_weights
 from ipcbridge.optim.codec import join_master
 from tests.helpers import reference_model, tiny_config
+from tests.optim.reference import ClassicMixedPrecision
 
 STEPS = 30
 
@@ -38,23 +39,6 @@ def adamw(params, lr: float = 1e-3) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
 
 
-class Classic:
-    """The reference: fp32 masters stepped by AdamW, the model's weights their round-to-nearest copy."""
-
-    def __init__(self, model: torch.nn.Module, lr: float) -> None:
-        self.params = list(model.parameters())
-        self.masters = [p.detach().float().clone().requires_grad_() for p in self.params]
-        self.opt = adamw(self.masters, lr)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for m, p in zip(self.masters, self.params, strict=True):
-            m.grad = p.grad.float()
-        self.opt.step()
-        for m, p in zip(self.masters, self.params, strict=True):
-            p.copy_(m)
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
@@ -65,7 +49,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def test_equals_classic_mixed_precision_element_for_element(dtype, mode, lr):
     ours, theirs = tiny_llama(dtype), tiny_llama(dtype)
     opt = master_weights(adamw(ours.parameters(), lr), mode, chunk_bytes=64 * 1024)  # many chunks
-    ref = Classic(theirs, lr)
+    ref = ClassicMixedPrecision(theirs, lambda masters: adamw(masters, lr))
     exceptions = 0
     for step in range(STEPS):
         backward(ours, step)

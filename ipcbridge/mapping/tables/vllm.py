@@ -204,7 +204,6 @@ OPT = ArchSpec(
 )
 
 
-
 # ---- mixture of experts ---------------------------------------------------------------------------------
 # Note [MoE experts are whole-tensor aliases]
 #     transformers 5.x keeps each layer's routed experts fused: ``mlp.experts.gate_up_proj [E, 2I, H]`` with
