@@ -20,6 +20,14 @@ Note [failure and teardown]
     timeout; a dead process closes them the same way. A peer that is alive but stuck is caught by the
     group's timeout. On error, :func:`send` and :func:`receive` first wait for the broadcasts they already
     posted (they complete or fail quickly), so no broadcast is left running on a buffer being freed.
+
+Note [a failed load drains the push]
+    A ``load`` that raises (a weight autograd refuses to write, a device error) is not a failed collective:
+    the group still agrees on the next broadcast. Stopping there would leave the sender blocked in its next
+    broadcast, and NCCL does not wake a peer when the other side aborts: on the first push into real vLLM
+    the trainer sat out its whole 120 s timeout. So :func:`receive` keeps receiving the rest of the push
+    without loading it and raises the load's error after the last bucket: the sender's push completes and
+    the engine's error reaches the trainer at once. The weights are partly written either way.
 """
 
 from __future__ import annotations
@@ -134,14 +142,21 @@ def receive(group: Group, plan: StreamPlan, load: Callable[[dict[str, torch.Tens
         return group.broadcast(buffers[i % 2][: plan.buckets[i].nbytes], src)
 
     pending: dict[int, Work] = {0: post(0)}
+    failed: Exception | None = None
     try:
         for i, bucket in enumerate(plan.buckets):
             if i + 1 < n:
                 pending[i + 1] = post(i + 1)  # its buffer held bucket i-1, loaded already
             pending.pop(i).wait()
-            load(unpack(buffers[i % 2], bucket))
+            if failed is None:
+                try:
+                    load(unpack(buffers[i % 2], bucket))
+                except Exception as e:  # Note [a failed load drains the push]
+                    failed = e
     except BaseException:
         _drain(pending[k] for k in sorted(pending))
         pending.clear()  # a gloo work holds its group's connections open: let the group close
         raise
+    if failed is not None:
+        raise failed
     return plan.wire_bytes

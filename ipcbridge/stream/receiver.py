@@ -107,9 +107,12 @@ class StreamReceiver:
             self.backend, self.stream_id, self.plan = backend, stream_id, plan
 
     def _load(self, views: dict[str, torch.Tensor]) -> None:
-        # The views alias a receive buffer that takes the next-but-one bucket: copy now.
-        for name, view in views.items():
-            self.weights[name].copy_(view)
+        # The views alias a receive buffer that takes the next-but-one bucket: copy now. no_grad: vLLM makes
+        # some weights plain ``nn.Parameter``s (RMSNorm's, requires_grad=True), and autograd refuses an
+        # in-place write into a leaf that requires grad (found on the first push into real vLLM 0.25.1).
+        with torch.no_grad():
+            for name, view in views.items():
+                self.weights[name].copy_(view)
 
     def receive(self, stream_id: str, *, paused: bool, lock: AbstractContextManager[Any]) -> dict[str, Any]:
         """Receive one push of the plan into the weights; ``{"bytes", "seconds"}`` once every bucket is loaded.

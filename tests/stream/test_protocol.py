@@ -105,21 +105,36 @@ def test_send_accepts_tensors_by_name() -> None:
     assert all(torch.equal(got[k], t) for k, t in tensors.items())
 
 
-def test_a_failing_load_stops_the_receiver_after_draining_its_posted_broadcasts() -> None:
+def test_a_failing_load_drains_the_push_so_the_sender_completes_then_raises() -> None:
+    # Note [a failed load drains the push]: NCCL would leave the sender blocked until its timeout otherwise.
     tensors = {f"t{i}": torch.randn(40) for i in range(6)}
     plan = plan_buckets(tensors, bucket_bytes=256)
-    wire = Wire(timeout=0.5)
+    wire, loaded = Wire(timeout=5.0), []
 
     def load(views) -> None:
+        loaded.extend(views)
         if "t2" in views:
             raise ValueError("disk full")
 
     sent, received = run_pair(lambda: send(MemoryGroup(wire, 0), tensors, plan),
                               lambda: receive(MemoryGroup(wire, 1), plan, load))
-    assert isinstance(received, ValueError)
-    assert "received 3" in wire.log  # bucket 3 was posted before the failure and is not left in flight
-    assert "post 4" not in wire.log
-    assert isinstance(sent, RuntimeError)  # the sender's bucket 4 is never received (a real group closes)
+    assert isinstance(received, ValueError) and str(received) == "disk full"
+    assert sent == plan.wire_bytes  # every bucket was received: the sender's push completed
+    assert f"received {len(plan.buckets) - 1}" in wire.log
+    assert loaded == ["t0", "t1", "t2"]  # nothing is loaded after the failure
+
+
+def test_a_failing_broadcast_stops_the_receiver_after_draining_its_posted_broadcasts() -> None:
+    tensors = {f"t{i}": torch.randn(40) for i in range(6)}
+    plan = plan_buckets(tensors, bucket_bytes=256)
+    wire = Wire(timeout=0.5)
+
+    def send_three() -> int:  # a sender that stops after three buckets
+        return send(MemoryGroup(wire, 0), tensors, plan_buckets({n: tensors[n] for n in list(tensors)[:3]}, 256))
+
+    _, received = run_pair(send_three, lambda: receive(MemoryGroup(wire, 1), plan, lambda views: None))
+    assert isinstance(received, RuntimeError) and "timed out" in str(received)
+    assert "post 4" in wire.log and "received 2" in wire.log and "received 3" not in wire.log
 
 
 def test_empty_plan_sends_nothing() -> None:

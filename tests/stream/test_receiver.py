@@ -34,8 +34,12 @@ def connect(receiver: StreamReceiver, tensors: dict[str, torch.Tensor], stream_i
     return group
 
 
-def test_a_push_is_copied_into_the_engine_weights_in_place() -> None:
+@pytest.mark.parametrize("parameters", [False, True], ids=["tensors", "parameters-requiring-grad"])
+def test_a_push_is_copied_into_the_engine_weights_in_place(parameters: bool) -> None:
+    # vLLM's RMSNorm weights are nn.Parameters that require grad: the in-place load must not trip autograd.
     weights = engine_weights()
+    if parameters:
+        weights = {n: torch.nn.Parameter(t) if t.is_floating_point() else t for n, t in weights.items()}
     ptrs = {n: t.data_ptr() for n, t in weights.items()}
     counters = {"stream_receives": 0, "stream_bytes": 0}
     receiver = StreamReceiver(weights, torch.device("cpu"), counters)
