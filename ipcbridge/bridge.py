@@ -26,7 +26,14 @@ from ipcbridge import guard, mapping
 from ipcbridge.attach import Attachment, attach_with_attachment
 from ipcbridge.endpoints import CanSample, Endpoint, resolve_endpoint
 from ipcbridge.errors import BridgeError
-from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, Fence, check_settings, synchronize
+from ipcbridge.fence import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_WAIT_SECONDS,
+    Fence,
+    check_settings,
+    cuda_devices,
+    synchronize,
+)
 from ipcbridge.logprobs import sequence_logprobs
 from ipcbridge.manifest import Manifest
 
@@ -113,10 +120,14 @@ class Bridge:
         self.attach_seconds: float = 0.0
         self._attachment: Attachment | None = attachment
         holder = f"bridge {secrets.token_hex(3)} (pid {os.getpid()}, {endpoint.name})"
-        self._fence = Fence(endpoint, holder=holder, version=manifest.weight_version,
-                            sync=lambda: synchronize(self._model()), lease_seconds=lease_seconds, wait=wait)
-        self._owner = guard.Owner(holder)
         self._watch: guard.Watch | None = guard.Watch(model)
+        # update() checks that every parameter still aliases the attached memory before it pauses
+        # (_check_aliases), so the devices to sync are the attached ones: no module walk per fence (~0.5 ms
+        # for an 8B-shaped model's 291 parameters, measured on CPU).
+        devices = cuda_devices(self._watch.params)
+        self._fence = Fence(endpoint, holder=holder, version=manifest.weight_version,
+                            sync=lambda: synchronize(devices), lease_seconds=lease_seconds, wait=wait)
+        self._owner = guard.Owner(holder)
         guard.register(self._watch.params, self._owner)
         guard.guard_loads(model)
         weakref.finalize(self, self._owner.orphan).atexit = False
@@ -176,8 +187,8 @@ class Bridge:
                 watch.recount()
 
     def _check_aliases(self, model: nn.Module) -> None:
-        """``update()``'s check before it pauses: every parameter still the engine's memory (Watch's docstring
-        has the cost, ~2 µs per parameter). Also warns about writes made outside the last fence."""
+        """``update()``'s check before it pauses: every parameter still the engine's memory (0.19 ms for an
+        8B-shaped model: Note [the alias check without a walk]). Also warns about writes made outside the last fence."""
         watch = self._checked_watch()
         moved = watch.moved(model, adopt=lambda p: guard.register([p], self._owner))
         if moved:

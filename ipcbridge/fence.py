@@ -64,12 +64,11 @@ import secrets
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import nn
 
 from ipcbridge.errors import FenceError
 
@@ -324,9 +323,15 @@ class LeaseGate:
             self._watchdog = None
 
 
-def synchronize(model: nn.Module) -> None:
-    """Step 3 of Note [the fence]: wait for all device work that may write the model's parameters."""
-    for device in {p.device for p in model.parameters() if p.device.type == "cuda"}:
+def cuda_devices(tensors: Iterable[torch.Tensor]) -> list[torch.device]:
+    """The CUDA devices ``tensors`` live on, each once."""
+    return sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
+
+
+def synchronize(devices: Iterable[torch.device]) -> None:
+    """Step 3 of Note [the fence]: wait for all device work on ``devices`` (those of the parameters an
+    update may write: :func:`cuda_devices`)."""
+    for device in devices:
         torch.cuda.synchronize(device)
 
 

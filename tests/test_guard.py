@@ -242,3 +242,56 @@ def _no_precision_warning() -> Iterator[None]:
         warnings.simplefilter("always")
         yield
     assert not [w for w in seen if issubclass(w.category, ipcbridge.PrecisionWarning)]
+
+
+# ---- Note [the alias check without a walk] ----------------------------------------------------------------
+
+
+def _swap_module(model: torch.nn.Module) -> None:
+    model.model.norm = type(model.model.norm)(model.config.hidden_size)
+
+
+def _swap_same_module(model: torch.nn.Module) -> None:
+    layer = model.model.layers[0]
+    model.model.layers[0] = layer  # the same object re-assigned: nothing changed
+
+
+MUTATIONS = {
+    "nothing": lambda m: None,
+    "cast": lambda m: m.to(torch.float64),
+    "data-replaced": lambda m: setattr(m.lm_head.weight, "data", m.lm_head.weight.detach().clone()),
+    "module-replaced": _swap_module,
+    "module-reassigned": _swap_same_module,
+    "module-deleted": lambda m: delattr(m.model.layers[1], "mlp"),
+    "parameter-added": lambda m: m.model.norm.register_parameter("extra", torch.nn.Parameter(torch.zeros(2))),
+    "parameter-set-none": lambda m: setattr(m.lm_head, "weight", None),
+    "same-memory-new-object": lambda m: setattr(m.model.norm, "weight",
+                                                torch.nn.Parameter(m.model.norm.weight.detach())),
+    "module-added": lambda m: m.model.add_module("probe", torch.nn.Identity()),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_the_fast_alias_check_finds_what_the_walk_finds(mutation: str) -> None:
+    cfg = tiny_config("llama")
+    fast_model, walk_model = reference_model(cfg), reference_model(cfg)
+    fast, walk = guard.Watch(fast_model), guard.Watch(walk_model)
+    MUTATIONS[mutation](fast_model)
+    MUTATIONS[mutation](walk_model)
+    adopted_fast, adopted_walk = [], []
+    assert fast.moved(fast_model, adopted_fast.append) == walk._moved_walk(walk_model, adopted_walk.append)
+    assert len(adopted_fast) == len(adopted_walk)
+    assert fast.moved(fast_model) == walk._moved_walk(walk_model, None)  # and again, after any adoption
+
+
+def test_the_fast_alias_check_skips_the_walk_until_the_layout_changes(monkeypatch) -> None:
+    model = reference_model(tiny_config("llama"))
+    watch = guard.Watch(model)
+    walks = []
+    real_walk = watch._moved_walk
+    monkeypatch.setattr(watch, "_moved_walk", lambda m, a: walks.append(1) or real_walk(m, a))
+    assert watch.moved(model) == [] and walks == []
+    model.model.add_module("probe", torch.nn.Identity())  # no parameters: still aliased, layout changed
+    assert watch.moved(model) == [] and walks == [1]
+    assert watch.moved(model) == [] and walks == [1]  # the clean walk took the new layout
+    assert watch.moved(reference_model(tiny_config("llama"))) != [] and walks == [1, 1]  # another model

@@ -52,7 +52,14 @@ from torch import nn
 from ipcbridge import mapping
 from ipcbridge.endpoints import CanReceiveStream, Endpoint, resolve_endpoint
 from ipcbridge.errors import BridgeError, MappingError
-from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, Fence, check_settings, synchronize
+from ipcbridge.fence import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_WAIT_SECONDS,
+    Fence,
+    check_settings,
+    cuda_devices,
+    synchronize,
+)
 from ipcbridge.manifest import Manifest
 from ipcbridge.stream.calls import EngineCall, failure
 from ipcbridge.stream.group import TorchGroup, check_backend, master_store
@@ -144,7 +151,7 @@ class StreamBridge:
         self._buffers: list[torch.Tensor] | None = None
         self._closed = False
         self._fence = Fence(endpoint, holder=f"stream {self.stream_id} ({endpoint.name})",
-                            version=weight_version, sync=lambda: synchronize(self.model),
+                            version=weight_version, sync=lambda: synchronize(cuda_devices(self.model.parameters())),
                             lease_seconds=lease_seconds, wait=wait)
 
     @staticmethod
