@@ -125,13 +125,16 @@ def send(group: Group, source: Mapping[str, torch.Tensor] | Packer, plan: Stream
 
 
 def receive(group: Group, plan: StreamPlan, load: Callable[[dict[str, torch.Tensor]], None], *, src: int = 0,
-            device: torch.device | str = "cpu", buffers: Sequence[torch.Tensor] | None = None) -> int:
+            device: torch.device | str = "cpu", buffers: Sequence[torch.Tensor] | None = None,
+            drain: bool = True) -> int:
     """Receive ``plan``'s buckets broadcast by rank ``src``; return the bytes received.
 
     ``load(views)`` is called once per bucket, in order, with :func:`~ipcbridge.stream.plan.unpack` views of
     the bucket; it must copy them where they belong before returning: the buffer under them takes the
     next-but-one bucket, and the two buffers (on ``device``, owned by this call) are freed on return. See
     Note [double buffering]. ``buffers``: as for :func:`send`, two buffers the caller keeps across pushes.
+    ``drain``: after a failed ``load``, receive the rest of the push before raising (Note [a failed load
+    drains the push]); ``False`` raises at once, for a group whose sender learns of the failure by itself.
     """
     n = len(plan.buckets)
     if n == 0:
@@ -152,6 +155,8 @@ def receive(group: Group, plan: StreamPlan, load: Callable[[dict[str, torch.Tens
                 try:
                     load(unpack(buffers[i % 2], bucket))
                 except Exception as e:  # Note [a failed load drains the push]
+                    if not drain:
+                        raise
                     failed = e
     except BaseException:
         _drain(pending[k] for k in sorted(pending))

@@ -43,6 +43,9 @@ class StreamReceiver:
     trainer.
     """
 
+    #: Note [a failed load drains the push]: a broadcast's sender learns of the failure only at the end.
+    drain_failed_load = True
+
     def __init__(self, weights: Mapping[str, torch.Tensor], device: torch.device,
                  counters: MutableMapping[str, Any] | None = None) -> None:
         self.weights = weights
@@ -137,7 +140,8 @@ class StreamReceiver:
                 if self._buffers is None:
                     self._buffers = new_buffers(self.plan, device)
                 with lock:
-                    nbytes = receive(group, self.plan, self._load, device=device, buffers=self._buffers)
+                    nbytes = receive(group, self.plan, self._load, device=device, buffers=self._buffers,
+                                     drain=self.drain_failed_load)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
             except Exception as e:

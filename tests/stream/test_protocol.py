@@ -124,6 +124,23 @@ def test_a_failing_load_drains_the_push_so_the_sender_completes_then_raises() ->
     assert loaded == ["t0", "t1", "t2"]  # nothing is loaded after the failure
 
 
+def test_without_drain_a_failing_load_raises_at_once() -> None:
+    # The shared-buffer channel: its trainer hears of the failure by itself (Note [who notices a failure]).
+    tensors = {f"t{i}": torch.randn(40) for i in range(6)}
+    plan = plan_buckets(tensors, bucket_bytes=256)
+    wire = Wire(timeout=0.5)
+
+    def load(views) -> None:
+        if "t2" in views:
+            raise ValueError("disk full")
+
+    sent, received = run_pair(lambda: send(MemoryGroup(wire, 0), tensors, plan),
+                              lambda: receive(MemoryGroup(wire, 1), plan, load, drain=False))
+    assert isinstance(received, ValueError)
+    assert "received 3" in wire.log and "post 4" not in wire.log  # posted ones drained, no more
+    assert isinstance(sent, RuntimeError)  # this in-memory sender times out; a real channel is interrupted
+
+
 def test_a_failing_broadcast_stops_the_receiver_after_draining_its_posted_broadcasts() -> None:
     tensors = {f"t{i}": torch.randn(40) for i in range(6)}
     plan = plan_buckets(tensors, bucket_bytes=256)

@@ -101,7 +101,10 @@ def test_extension_class_accepts_subclasses_only() -> None:
 def test_model_parameters_keeps_vllm_parameter_objects(worker: F.FakeWorker) -> None:
     model = worker.model_runner.get_model()
     params = model_parameters(model)
-    assert all(isinstance(p, F.VParam) for p in params.values())
+    # the objects themselves: BasevLLMParameters, and RMSNorm's plain Parameters (vllm_fakes.vllm_module)
+    assert all(p is getattr(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
+               for n, p in params.items())
+    assert {type(p) for p in params.values()} == {F.VParam, nn.Parameter}
     assert params.keys() == dict(model.named_parameters()).keys()
     # vLLM's CUDA-graph wrappers expose unwrap(); the module under them is exported.
     wrapper = SimpleNamespace(unwrap=lambda: model)

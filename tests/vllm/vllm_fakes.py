@@ -51,7 +51,10 @@ def vllm_module(state: dict[str, torch.Tensor]) -> nn.Module:
             if not hasattr(m, part):
                 m.add_module(part, nn.Module())
             m = getattr(m, part)
-        m.register_parameter(leaf, VParam(t, requires_grad=False))
+        # vLLM's RMSNorm weight is a plain nn.Parameter, which requires grad (its other weights are
+        # BasevLLMParameters that don't): in-place writes into it must run under no_grad (found on the H200).
+        plain_norm = t.dim() == 1 and "norm" in leaf + "".join(path[-1:])
+        m.register_parameter(leaf, nn.Parameter(t) if plain_norm else VParam(t, requires_grad=False))
     return root
 
 
