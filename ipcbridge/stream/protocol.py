@@ -158,9 +158,11 @@ def receive(group: Group, plan: StreamPlan, load: Callable[[dict[str, torch.Tens
                     if not drain:
                         raise
                     failed = e
-    except BaseException:
+    except BaseException as e:
         _drain(pending[k] for k in sorted(pending))
         pending.clear()  # a gloo work holds its group's connections open: let the group close
+        if failed is not None and isinstance(e, Exception):
+            raise failed  # noqa: B904 (the cause is the load; the later group failure stays its __context__)
         raise
     if failed is not None:
         raise failed

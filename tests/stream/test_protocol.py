@@ -124,6 +124,23 @@ def test_a_failing_load_drains_the_push_so_the_sender_completes_then_raises() ->
     assert loaded == ["t0", "t1", "t2"]  # nothing is loaded after the failure
 
 
+def test_a_load_failure_stays_the_error_when_the_drained_rest_fails_too() -> None:
+    tensors = {f"t{i}": torch.randn(40) for i in range(6)}
+    plan = plan_buckets(tensors, bucket_bytes=256)
+    wire = Wire(timeout=0.5)
+
+    def load(views) -> None:
+        if "t1" in views:
+            raise ValueError("disk full")
+
+    def send_three() -> int:  # then the sender goes away: the drain times out
+        return send(MemoryGroup(wire, 0), tensors, plan_buckets({n: tensors[n] for n in list(tensors)[:3]}, 256))
+
+    _, received = run_pair(send_three, lambda: receive(MemoryGroup(wire, 1), plan, load))
+    assert isinstance(received, ValueError) and str(received) == "disk full"
+    assert isinstance(received.__context__, RuntimeError) and "timed out" in str(received.__context__)
+
+
 def test_without_drain_a_failing_load_raises_at_once() -> None:
     # The shared-buffer channel: its trainer hears of the failure by itself (Note [who notices a failure]).
     tensors = {f"t{i}": torch.randn(40) for i in range(6)}
