@@ -198,10 +198,6 @@ class IpcStreamReceiver(StreamReceiver):
     (:meth:`init_ipc`); :meth:`~StreamReceiver.receive` and :meth:`~StreamReceiver.close` serve both."""
 
     _opened: OpenedManifest | None = None
-    #: Through the shared buffer the trainer hears of a failure at once (Note [who notices a failure]), and
-    #: a bucket not loaded is never signalled: draining would leave the trainer waiting for it.
-    drain_failed_load = False
-
     def init_ipc(self, stream_id: str, host: str, port: int, timeout: float, plan_dict: Any,
                  manifest_json: str) -> None:
         """Check the plan, map the trainer's buffer and connect to its store; replaces any previous stream."""

@@ -43,9 +43,6 @@ class StreamReceiver:
     trainer.
     """
 
-    #: Note [a failed load drains the push]: a broadcast's sender learns of the failure only at the end.
-    drain_failed_load = True
-
     def __init__(self, weights: Mapping[str, torch.Tensor], device: torch.device,
                  counters: MutableMapping[str, Any] | None = None) -> None:
         self.weights = weights
@@ -140,8 +137,11 @@ class StreamReceiver:
                 if self._buffers is None:
                     self._buffers = new_buffers(self.plan, device)
                 with lock:
+                    # Note [a failed load drains the push]: a broadcast's sender hears of a failed load only
+                    # at the end of the push; the shared buffer's trainer is interrupted at once instead (Note
+                    # [who notices a failure] in ipcbridge.stream.ipc), and waits for every bucket's signal.
                     nbytes = receive(group, self.plan, self._load, device=device, buffers=self._buffers,
-                                     drain=self.drain_failed_load)
+                                     drain=self.backend != "ipc")
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
             except Exception as e:

@@ -11,6 +11,7 @@ import torch
 from ipcbridge import ManifestError
 from ipcbridge.stream import protocol
 from ipcbridge.stream.group import TorchGroup, master_store
+from ipcbridge.stream.ipc import IpcStreamReceiver
 from ipcbridge.stream.plan import plan_buckets
 from ipcbridge.stream.receiver import StreamReceiver
 from tests.helpers import run_pair
@@ -99,3 +100,29 @@ def test_close_waits_only_as_long_as_asked_for_a_running_operation() -> None:
         assert time.monotonic() - t0 < 2
     finally:
         receiver._lock.release()
+
+
+@pytest.mark.parametrize("receiver_class", [StreamReceiver, IpcStreamReceiver])
+def test_a_failed_load_over_a_group_lets_the_trainer_finish_its_push(receiver_class, monkeypatch) -> None:
+    # Note [a failed load drains the push]; the vLLM worker's receiver (IpcStreamReceiver) drains on a group too.
+    weights = engine_weights()
+    receiver = receiver_class(weights, torch.device("cpu"))
+    new = {n: torch.randn(t.shape).to(t.dtype) for n, t in weights.items()}
+    trainer = connect(receiver, new, bucket_bytes=256)
+    assert len(receiver.plan.buckets) > 2
+    loads = []
+
+    def failing_load(views) -> None:
+        loads.append(list(views))
+        raise ValueError("the copy failed")
+
+    monkeypatch.setattr(receiver, "_load", failing_load)
+    try:
+        sent, got = run_pair(lambda: protocol.send(trainer, new, receiver.plan),
+                             lambda: receiver.receive("s1", paused=True, lock=threading.Lock()))
+        assert sent == receiver.plan.wire_bytes  # the push completed: no broadcast left waiting for a peer
+        assert isinstance(got, RuntimeError) and "stream closed: ValueError: the copy failed" in str(got)
+        assert len(loads) == 1 and receiver.group is None
+    finally:
+        receiver.close()
+        trainer.close()
