@@ -230,7 +230,7 @@ class Watch:
         the shape of an 8B model; CPU, torch 2.13, Python 3.11): more than vLLM's ``LLM`` fence RPC. So the
         watch keeps, from attach, each module's children (the objects) and parameter names. While every
         module has exactly those (0.07 ms to compare), the model's named parameters are the recorded names,
-        each read from its module's dict, and the whole check takes 0.19 ms. Anything else (a module
+        each read from its module's dict, and the whole check takes about 0.2 ms. Anything else (a module
         replaced, added or removed, a parameter registered or deleted, another model object) takes the walk,
         which names what changed; a walk that finds every parameter in place remembers the new layout.
     """
@@ -248,10 +248,11 @@ class Watch:
         self._root = model
         self._layout = [(m, dict(children), set(params)) for m in model.modules()
                         for children, params in [module_slots(m)]]
-        # (name, its module's parameter dict, key), in named_parameters(remove_duplicate=False)'s order
-        self._slots = [(f"{prefix}.{key}" if prefix else key, params, key)
+        # (name, its module, key), in named_parameters(remove_duplicate=False)'s order. The module, not its
+        # dict: a dict swapped for another with the same keys must be read, not the one remembered.
+        self._slots = [(f"{prefix}.{key}" if prefix else key, m, key)
                        for prefix, m in model.named_modules(remove_duplicate=False)
-                       for params in [module_slots(m)[1]] for key, p in params.items() if p is not None]
+                       for key, p in module_slots(m)[1].items() if p is not None]
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -264,8 +265,8 @@ class Watch:
         if model is not self._root or not self._same_layout():
             return self._moved_walk(model, adopt)
         bad: list[str] = []
-        for name, params, key in self._slots:
-            p, a = params[key], self._by_name[name]
+        for name, m, key in self._slots:
+            p, a = module_slots(m)[1][key], self._by_name[name]
             if p is None or not a.same_memory(p):
                 bad.append(name)
             elif a.param is not p:

@@ -268,6 +268,8 @@ MUTATIONS = {
     "same-memory-new-object": lambda m: setattr(m.model.norm, "weight",
                                                 torch.nn.Parameter(m.model.norm.weight.detach())),
     "module-added": lambda m: m.model.add_module("probe", torch.nn.Identity()),
+    "parameter-dict-swapped": lambda m: setattr(m.lm_head, "_parameters",
+                                                {"weight": torch.nn.Parameter(m.lm_head.weight.detach().clone())}),
 }
 
 
