@@ -342,4 +342,4 @@ def pack(tensors: Mapping[str, torch.Tensor], bucket: Bucket, out: torch.Tensor)
                 f"tensor {s.name!r}: {t.dtype} {list(t.shape)}, but the stream plan has {s.dtype} {list(s.shape)}; "
                 "rebuild the plan with plan_buckets() for these tensors"
             )
-        _view(out, s).copy_(t)
+        _view(out, s).copy_(t.detach())  # a parameter that requires grad: the wire needs no autograd history

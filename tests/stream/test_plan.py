@@ -132,3 +132,13 @@ def test_plan_buckets_refuses_bad_input() -> None:
 def test_a_manifest_cannot_name_the_stream() -> None:
     with pytest.raises(ManifestError, match="unknown transport 'nccl'"):
         transports.get("nccl")  # streaming is no sharing transport: a manifest can never name it
+
+
+def test_packing_parameters_that_require_grad_leaves_the_buffer_out_of_autograd() -> None:
+    params = {"a": torch.nn.Parameter(torch.randn(10)), "b": torch.nn.Parameter(torch.randn(3, 3))}
+    plan = plan_buckets(params, 1 << 20)
+    buffer = torch.empty(plan.buffer_bytes, dtype=torch.uint8)
+    pack(params, plan.buckets[0], buffer)
+    views = unpack(buffer, plan.buckets[0])
+    assert not buffer.requires_grad and not any(v.requires_grad for v in views.values())
+    assert all(torch.equal(views[n], p.detach()) for n, p in params.items())
