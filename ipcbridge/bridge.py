@@ -187,8 +187,9 @@ class Bridge:
                 watch.recount()
 
     def _check_aliases(self, model: nn.Module) -> None:
-        """``update()``'s check before it pauses: every parameter still the engine's memory (about 0.2 ms for an
-        8B-shaped model: Note [the alias check without a walk]). Also warns about writes made outside the last fence."""
+        """``update()``'s check before it pauses: every parameter still the engine's memory (about 0.2 ms for
+        an 8B-shaped model: Note [the alias check without a walk]). Also warns about writes made outside the
+        last fence."""
         watch = self._checked_watch()
         moved = watch.moved(model, adopt=lambda p: guard.register([p], self._owner))
         if moved:

@@ -198,6 +198,7 @@ class IpcStreamReceiver(StreamReceiver):
     (:meth:`init_ipc`); :meth:`~StreamReceiver.receive` and :meth:`~StreamReceiver.close` serve both."""
 
     _opened: OpenedManifest | None = None
+
     def init_ipc(self, stream_id: str, host: str, port: int, timeout: float, plan_dict: Any,
                  manifest_json: str) -> None:
         """Check the plan, map the trainer's buffer and connect to its store; replaces any previous stream."""
