@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -105,68 +106,57 @@ def test_send_accepts_tensors_by_name() -> None:
     assert all(torch.equal(got[k], t) for k, t in tensors.items())
 
 
+# ---- failures: six one-tensor buckets, a load that fails at one of them, a sender that may stop early ----------
+
+SIX = {f"t{i}": torch.arange(40, dtype=torch.float32) + 100 * i for i in range(6)}
+SIX_PLAN = plan_buckets(SIX, bucket_bytes=256)  # one tensor per bucket
+
+
+def failing_at(name: str, loaded: list[str] | None = None) -> Callable[[dict[str, torch.Tensor]], None]:
+    def load(views) -> None:
+        if loaded is not None:
+            loaded.extend(views)
+        if name in views:
+            raise ValueError("disk full")
+    return load
+
+
+def send_first(wire: Wire, k: int) -> Callable[[], int]:
+    """A sender that stops after ``k`` buckets."""
+    return lambda: send(MemoryGroup(wire, 0), SIX, plan_buckets({n: SIX[n] for n in list(SIX)[:k]}, 256))
+
+
 def test_a_failing_load_drains_the_push_so_the_sender_completes_then_raises() -> None:
     # Note [a failed load drains the push]: NCCL would leave the sender blocked until its timeout otherwise.
-    tensors = {f"t{i}": torch.randn(40) for i in range(6)}
-    plan = plan_buckets(tensors, bucket_bytes=256)
     wire, loaded = Wire(timeout=5.0), []
-
-    def load(views) -> None:
-        loaded.extend(views)
-        if "t2" in views:
-            raise ValueError("disk full")
-
-    sent, received = run_pair(lambda: send(MemoryGroup(wire, 0), tensors, plan),
-                              lambda: receive(MemoryGroup(wire, 1), plan, load))
+    sent, received = run_pair(lambda: send(MemoryGroup(wire, 0), SIX, SIX_PLAN),
+                              lambda: receive(MemoryGroup(wire, 1), SIX_PLAN, failing_at("t2", loaded)))
     assert isinstance(received, ValueError) and str(received) == "disk full"
-    assert sent == plan.wire_bytes  # every bucket was received: the sender's push completed
-    assert f"received {len(plan.buckets) - 1}" in wire.log
+    assert sent == SIX_PLAN.wire_bytes  # every bucket was received: the sender's push completed
+    assert f"received {len(SIX_PLAN.buckets) - 1}" in wire.log
     assert loaded == ["t0", "t1", "t2"]  # nothing is loaded after the failure
 
 
 def test_a_load_failure_stays_the_error_when_the_drained_rest_fails_too() -> None:
-    tensors = {f"t{i}": torch.randn(40) for i in range(6)}
-    plan = plan_buckets(tensors, bucket_bytes=256)
     wire = Wire(timeout=0.5)
-
-    def load(views) -> None:
-        if "t1" in views:
-            raise ValueError("disk full")
-
-    def send_three() -> int:  # then the sender goes away: the drain times out
-        return send(MemoryGroup(wire, 0), tensors, plan_buckets({n: tensors[n] for n in list(tensors)[:3]}, 256))
-
-    _, received = run_pair(send_three, lambda: receive(MemoryGroup(wire, 1), plan, load))
+    _, received = run_pair(send_first(wire, 3), lambda: receive(MemoryGroup(wire, 1), SIX_PLAN, failing_at("t1")))
     assert isinstance(received, ValueError) and str(received) == "disk full"
     assert isinstance(received.__context__, RuntimeError) and "timed out" in str(received.__context__)
 
 
 def test_without_drain_a_failing_load_raises_at_once() -> None:
     # The shared-buffer channel: its trainer hears of the failure by itself (Note [who notices a failure]).
-    tensors = {f"t{i}": torch.randn(40) for i in range(6)}
-    plan = plan_buckets(tensors, bucket_bytes=256)
     wire = Wire(timeout=0.5)
-
-    def load(views) -> None:
-        if "t2" in views:
-            raise ValueError("disk full")
-
-    sent, received = run_pair(lambda: send(MemoryGroup(wire, 0), tensors, plan),
-                              lambda: receive(MemoryGroup(wire, 1), plan, load, drain=False))
+    sent, received = run_pair(lambda: send(MemoryGroup(wire, 0), SIX, SIX_PLAN),
+                              lambda: receive(MemoryGroup(wire, 1), SIX_PLAN, failing_at("t2"), drain=False))
     assert isinstance(received, ValueError)
     assert "received 3" in wire.log and "post 4" not in wire.log  # posted ones drained, no more
     assert isinstance(sent, RuntimeError)  # this in-memory sender times out; a real channel is interrupted
 
 
 def test_a_failing_broadcast_stops_the_receiver_after_draining_its_posted_broadcasts() -> None:
-    tensors = {f"t{i}": torch.randn(40) for i in range(6)}
-    plan = plan_buckets(tensors, bucket_bytes=256)
     wire = Wire(timeout=0.5)
-
-    def send_three() -> int:  # a sender that stops after three buckets
-        return send(MemoryGroup(wire, 0), tensors, plan_buckets({n: tensors[n] for n in list(tensors)[:3]}, 256))
-
-    _, received = run_pair(send_three, lambda: receive(MemoryGroup(wire, 1), plan, lambda views: None))
+    _, received = run_pair(send_first(wire, 3), lambda: receive(MemoryGroup(wire, 1), SIX_PLAN, lambda views: None))
     assert isinstance(received, RuntimeError) and "timed out" in str(received)
     assert "post 4" in wire.log and "received 2" in wire.log and "received 3" not in wire.log
 
