@@ -9,7 +9,7 @@ from tests.helpers import tiny_config
 
 def pytest_configure(config: pytest.Config) -> None:
     # Soak and leak checks: part of the default run (and of .ci/run); deselect with -m "not slow".
-    config.addinivalue_line("markers", "slow: takes more than a few seconds (soak and leak checks)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (soak, leak, timeout and notebook checks)")
 
 
 @pytest.fixture

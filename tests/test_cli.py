@@ -18,6 +18,7 @@ KEYS = {"reward_first", "reward_last", "steps", "transport", "attach_seconds", "
         "trainer_weight_bytes", "model_weight_bytes"}
 
 
+@pytest.mark.slow
 def test_demo_json_reward_rises() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "ipcbridge", "demo", "--json", "--steps", "24", "--device", "cpu"],

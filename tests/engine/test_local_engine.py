@@ -147,6 +147,7 @@ def test_engine_killed_while_attached() -> None:
     eng.close()
 
 
+@pytest.mark.slow
 def test_hung_engine_times_out() -> None:
     eng = ipcbridge.LocalEngine(tiny_config("llama"), device="cpu", request_timeout=1.0)
     try:
@@ -171,6 +172,7 @@ def test_engine_from_a_local_checkpoint(tmp_path) -> None:
         ipcbridge.LocalEngine(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_engine_exits_and_cleans_up_when_its_trainer_dies() -> None:
     import subprocess
     import sys

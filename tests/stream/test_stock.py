@@ -373,6 +373,7 @@ def test_an_engine_dying_mid_push_gives_bridgeerror_quickly_and_resumes_it() -> 
     assert_engine_has(engine, model)
 
 
+@pytest.mark.slow
 def test_a_stuck_engine_gives_bridgeerror_within_the_timeout() -> None:
     model = trainer_model()
     engine = engine_for(model, fail="stuck")
