@@ -235,7 +235,9 @@ class StreamBridge:
         # and joining the group first would block until the timeout instead of reporting it.
         deadline = time.monotonic() + self.timeout
         while not store.check([READY_KEY]):
-            if call.done():
+            # An engine that sets the key and returns (the shared-buffer init) may finish between the two reads:
+            # a finished call is a refusal only if the key is still not there.
+            if call.done() and not store.check([READY_KEY]):
                 raise failure("opening the weight stream", None, call.error, fix)
             if time.monotonic() > deadline:
                 raise BridgeError(f"the engine did not join the weight stream within {self.timeout:.0f}s. {fix}")

@@ -235,3 +235,35 @@ def test_vllm_serve_by_url_streams_through_the_shared_buffer() -> None:
         sb.push()
         assert sb.backend == "ipc" and sb.weight_version == 1
         assert all(torch.equal(p, expected_of(model, config)[n]) for n, p in served_now(worker).items())
+
+
+def test_an_engine_that_accepts_and_returns_at_once_is_not_taken_for_a_refusal(monkeypatch) -> None:
+    # The shared-buffer init sets the ready key and returns: the trainer may see the call done before it sees
+    # the key (a race a CI run hit). A call that ended without error after setting the key is an acceptance.
+    from ipcbridge.stream import bridge as stream_bridge
+
+    real_master_store = stream_bridge.master_store
+
+    class LateStore:
+        """The real store, whose first check reads as if made just before the engine set the key."""
+
+        def __init__(self, store) -> None:
+            self._store, self._first = store, True
+
+        def check(self, keys):
+            if self._first:
+                self._first = False
+                time.sleep(0.5)  # the engine's init sets the key and returns meanwhile
+                return False
+            return self._store.check(keys)
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+    monkeypatch.setattr(stream_bridge, "master_store", lambda *a, **k: LateStore(real_master_store(*a, **k)))
+    config, worker, llm = sleep_mode_setup()
+    model = hf_reference(config, seed=1)
+    with stream(VllmReceiverEndpoint(LLMEndpoint(llm, streaming=True)), model, receiver="ipc", bucket_bytes=4096,
+                timeout=10) as sb:
+        sb.push()
+    assert all(torch.equal(p, expected_of(model, config)[n]) for n, p in served_now(worker).items())
