@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import secrets
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -345,12 +346,18 @@ class StreamBridge:
         if self._closed:
             return
         self._closed = True
-        if self._group is not None:
+        self._buffers = None
+        group, self._group = self._group, None
+        if group is not None:
+            # Both ends at once: an NCCL close waits for the peer's (Note [closing an NCCL group takes both
+            # sides] in ipcbridge.stream.group), and the engine closes its end inside the RPC below.
+            closer = threading.Thread(target=group.close, name="ipcbridge-stream-close", daemon=True)
+            closer.start()
             try:
                 self.endpoint.stream_close(self.stream_id)
             except BridgeError as e:  # a dead engine has nothing left to close
                 logger.info("the engine did not close its side of the stream: %s", e)
-        self._close_group()
+            closer.join()  # bounded by the group's own wait
         self.endpoint.close()
 
     def __enter__(self) -> StreamBridge:

@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,8 @@ from ipcbridge.errors import BridgeError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("nccl", "gloo")
+#: How long one side's close waits for the peer's. Note [closing an NCCL group takes both sides].
+CLOSE_WAIT_S = 10.0
 _PG_PREFIX = "ipcbridge/stream/pg"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -120,6 +123,27 @@ def _shutdown(pg: Any) -> None:
     shutdown()
 
 
+def _teardown(pg: Any, abort: bool) -> None:
+    """Abort or shut down an NCCL group. Note [closing an NCCL group takes both sides]
+
+    ``ProcessGroupNCCL.shutdown`` flushes and destroys the communicators (``ncclCommFinalize`` then
+    ``ncclCommDestroy``), and both wait for every rank to destroy its end; in recent NCCL even
+    ``ncclCommAbort`` waits for the other ranks of its node. The first close of a stream into real vLLM
+    (0.25.1, 2026-11-30) asked the engine, by RPC, to close its end, and closed its own when the RPC
+    returned: the engine waited for the trainer, which waited for the RPC, until the test's deadline. So
+    each side tears its end down in a daemon thread bounded by :data:`CLOSE_WAIT_S`, and the trainer starts
+    its own before it asks the engine (:meth:`ipcbridge.stream.bridge.StreamBridge.close`): a peer that is
+    gone or stuck costs the survivor that bound, never a hang.
+    """
+    try:
+        if abort:
+            pg.abort()
+        else:
+            _shutdown(pg)
+    except Exception:
+        logger.warning("closing the NCCL stream group failed", exc_info=True)
+
+
 _NCCL_FAILURE_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 
@@ -204,19 +228,24 @@ class TorchGroup:
         opts.rootTensor = 0
         return self._pg.broadcast([tensor], opts)
 
-    def close(self, abort: bool = False) -> None:
-        """Leave the group. ``abort=True`` after a failure: NCCL aborts its communicators instead of waiting."""
+    def close(self, abort: bool = False, wait: float = CLOSE_WAIT_S) -> None:
+        """Leave the group. ``abort=True`` after a failure: NCCL aborts its communicators instead of flushing.
+
+        NCCL: waits at most ``wait`` seconds for the peer to close its side too (Note [closing an NCCL group
+        takes both sides]); past it the communicator is left to a daemon thread and a warning is logged.
+        """
         pg, self._pg = self._pg, None
         self._store = None
         if pg is None:
             return
         if self.backend == "nccl":
-            try:
-                if abort:
-                    pg.abort()
-                else:
-                    _shutdown(pg)
-            except Exception:
-                logger.warning("closing the NCCL stream group failed", exc_info=True)
+            closer = threading.Thread(target=_teardown, args=(pg, abort), name="ipcbridge-nccl-close", daemon=True)
+            del pg  # the thread holds the last reference
+            closer.start()
+            closer.join(wait)
+            if closer.is_alive():
+                logger.warning("the peer did not close its side of the NCCL stream group within %.0fs; the "
+                               "communicator is left to a daemon thread", wait)
+            return
         # gloo: the last reference going away closes the connections (Note [failure and teardown]).
         del pg

@@ -166,6 +166,33 @@ def test_closed_stream_is_refused(engine, model) -> None:
         pass
 
 
+def test_close_tears_both_ends_down_at_once(engine, model, monkeypatch) -> None:
+    """Note [closing an NCCL group takes both sides]: an NCCL end's close waits for the peer's, and the engine
+    closes its end inside the ``stream_close`` RPC; one after the other, they deadlocked against real vLLM."""
+    import threading
+
+    s = ipcbridge.stream(engine, model, timeout=10)
+    trainer_closing, engine_closing = threading.Event(), threading.Event()
+    waited: dict[str, bool] = {}
+    group_close, rpc = s._group.close, s.endpoint.stream_close
+
+    def collective_close(*args, **kwargs):  # the trainer's end returns only once the engine's closes too
+        trainer_closing.set()
+        waited["trainer"] = engine_closing.wait(5)
+        group_close(*args, **kwargs)
+
+    def engine_close(stream_id):  # and the engine's only once the trainer's does
+        engine_closing.set()
+        waited["engine"] = trainer_closing.wait(5)
+        return rpc(stream_id)
+
+    monkeypatch.setattr(s._group, "close", collective_close)
+    monkeypatch.setattr(s.endpoint, "stream_close", engine_close)
+    t0 = time.monotonic()
+    s.close()
+    assert waited == {"trainer": True, "engine": True} and time.monotonic() - t0 < 4
+
+
 def test_tied_embeddings_and_vocab_padding() -> None:
     cfg = tiny_config("qwen3", tied=True)
     with ipcbridge.LocalEngine(cfg, seed=SEED, device="cpu") as eng:
