@@ -235,6 +235,8 @@ def run_receiver(llm: Any, model: torch.nn.Module, receiver: str, args: argparse
             "receiver": receiver, "buckets": len(sb.plan.buckets), "buffer_bytes": sb.plan.buffer_bytes,
             "wire_bytes": sb.plan.wire_bytes, "transfer_s": statistics.median(transfer),
             "push_s": statistics.median(walls), "connect_s": sb.connect_seconds,
+            # the engine's own receive (first post to last load, no RPC legs); ipcbridge's receivers only
+            "receive_s": statistics.median(sb.receive_seconds[2:]) if len(sb.receive_seconds) > 2 else None,
             "trainer_peak_extra": peak_t,
             "engine_peak_extra": [m["peak"] - b["allocated"] for m, b in zip(eng_peak, e_base, strict=True)],
             "flat_pushes": args.flat, "trainer_drift": t_after - t_before,
@@ -280,6 +282,8 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
                 c = out["ceiling"][row["wire_bytes"]]["seconds"]
                 row["vs_ceiling_transfer"] = c / row["transfer_s"]
                 row["vs_ceiling_push"] = c / row["push_s"]
+                if row.get("receive_s"):
+                    row["vs_ceiling_receive"] = c / row["receive_s"]
             print(json.dumps({"shape": shape, **row}, default=str), flush=True)
             out["rows"].append(row)
     finally:
@@ -293,20 +297,24 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| shape | receiver | wire MB | buckets | ceiling ms (GB/s) | transfer ms | push ms | x ceiling "
-             "(transfer / push) | trainer peak extra MiB | engine peak extra MiB | drift after N pushes (B) | greedy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(transfer / push) | engine receive ms (x ceiling) | trainer peak extra MiB | engine peak extra MiB | "
+             "drift after N pushes (B) | greedy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for row in r["rows"]:
             if "error" in row:
-                lines.append(f"| {r['shape']} | {row['receiver']} | error: {row['error'][:120]} |" + " |" * 9)
+                lines.append(f"| {r['shape']} | {row['receiver']} | error: {row['error'][:120]} |" + " |" * 10)
                 continue
             c = r["ceiling"][row["wire_bytes"]]
+            receive = (f"{row['receive_s'] * 1e3:.2f} ({row['vs_ceiling_receive']:.3f})" if row.get("receive_s")
+                       else "n/a")
+            engine_peak = ", ".join(f"{x / MIB:.0f}" for x in row["engine_peak_extra"])
             lines.append(
                 f"| {r['shape']} | {row['receiver']} | {row['wire_bytes'] / 1e6:.0f} | {row['buckets']} | "
                 f"{c['seconds'] * 1e3:.2f} ({c['gbps']:.0f}) | {row['transfer_s'] * 1e3:.2f} | "
                 f"{row['push_s'] * 1e3:.2f} | {row['vs_ceiling_transfer']:.3f} / {row['vs_ceiling_push']:.3f} | "
-                f"{row['trainer_peak_extra'] / MIB:.0f} | {', '.join(f'{x / MIB:.0f}' for x in row['engine_peak_extra'])} "
-                f"| {row['trainer_drift']} / {row['engine_drift']} ({row['flat_pushes']}) | "
+                f"{receive} | {row['trainer_peak_extra'] / MIB:.0f} | {engine_peak} | "
+                f"{row['trainer_drift']} / {row['engine_drift']} ({row['flat_pushes']}) | "
                 f"{row.get('check', {}).get('equal', 'n/a')} |")
     return "\n".join(lines)
 

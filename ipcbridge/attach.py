@@ -63,6 +63,19 @@ class Attachment:
         resized (Note [IPC tensors must never be resized]) or moved. Empty when fully aliased."""
         return [n for n, p in model.named_parameters(remove_duplicate=False) if not self.owns(p)]
 
+    def tensors_used(self, model: nn.Module) -> set[str]:
+        """Names of the engine tensors that ``model``'s parameters lie in, read from the addresses: the same
+        answer whichever plan bound them (a table, the loader's derived plan, or none)."""
+        spans = sorted((t.data_ptr(), t.data_ptr() + span_bytes(t), n)
+                       for n, t in self.source_tensors.items() if t.numel())
+        starts = [lo for lo, _, _ in spans]
+        used = set()
+        for p in model.parameters():
+            i = bisect.bisect_right(starts, p.data_ptr()) - 1
+            if p.numel() and i >= 0 and p.data_ptr() < spans[i][1]:
+                used.add(spans[i][2])
+        return used
+
     def outside_bytes(self, model: nn.Module) -> int:
         """Bytes of ``model``'s distinct parameters outside the engine's memory (0 when fully aliased)."""
         return sum(p.numel() * p.element_size() for p in model.parameters() if not self.owns(p))

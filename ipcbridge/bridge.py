@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipcbridge import guard, mapping
+from ipcbridge import guard
 from ipcbridge.attach import Attachment, attach_with_attachment
 from ipcbridge.endpoints import CanSample, Endpoint, resolve_endpoint
 from ipcbridge.errors import BridgeError
@@ -241,10 +241,7 @@ class Bridge:
         """
         model, att = self._attached()
         engine_names = set(att.source_tensors)
-        if att.layout == "vllm":
-            used = {s.target for s in mapping.plan_from_vllm(engine_names, model.config)}
-        else:
-            used = engine_names
+        used = att.tensors_used(model)
         outside = att.outside(model)
         report = CheckReport(
             hf_parameters=len(list(model.named_parameters(remove_duplicate=False))),

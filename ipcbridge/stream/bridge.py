@@ -150,6 +150,10 @@ class StreamBridge:
         self._params: dict[str, torch.Tensor] = {}  # the model's tensors, during a push only
         #: The two send buffers, allocated at the first push and kept until close: pushes allocate nothing.
         self._buffers: list[torch.Tensor] | None = None
+        #: (bucket, buffer) -> (views to zero, (HF name, view) to copy into): views of ``_buffers``, dropped with them.
+        self._packing: dict[tuple[int, int], tuple[list[torch.Tensor], list[tuple[str, torch.Tensor]]]] = {}
+        #: The engine's own time per push, first post to last load (no RPC legs): the transfer itself.
+        self.receive_seconds: list[float] = []
         self._closed = False
         self._fence = Fence(endpoint, holder=f"stream {self.stream_id} ({endpoint.name})",
                             version=weight_version, sync=lambda: synchronize(cuda_devices(self.model.parameters())),
@@ -263,13 +267,18 @@ class StreamBridge:
 
     def _pack(self, bucket: Bucket, out: torch.Tensor) -> None:
         """Fill ``out`` with ``bucket``'s engine tensors, straight from HF tensors (Note [packing from HF tensors])."""
-        views = unpack(out, bucket)
-        for name in bucket.names:
-            if name in self._layout.zero:
-                views[name].zero_()
-        for name, view in mapping.hf_views(views, self._config).items():
-            if name not in self._tied_names:  # a tied view is the very tensor of the one it is tied to
-                view.copy_(self._params[name])
+        key = (id(bucket), out.data_ptr())
+        if key not in self._packing:  # resolved once per bucket and buffer: each push only copies
+            views = unpack(out, bucket)
+            self._packing[key] = (
+                [views[n] for n in bucket.names if n in self._layout.zero],
+                # a tied view is the very tensor of the one it is tied to: copied once, under that name
+                [(n, v) for n, v in mapping.hf_views(views, self._config).items() if n not in self._tied_names])
+        zeros, copies = self._packing[key]
+        for view in zeros:
+            view.zero_()
+        for name, view in copies:
+            view.copy_(self._params[name])
 
     def _transfer(self, params: dict[str, torch.Tensor]) -> None:
         group = self._require_open()
@@ -282,6 +291,8 @@ class StreamBridge:
         # No timeout of our own after the last bucket: the RPC's bounds the engine's half.
         self.bytes_sent += self._send(group, params, call, "streaming weights to the engine", fix, None)
         self.push_seconds.append(time.perf_counter() - t0)
+        if isinstance(call.result, dict) and isinstance(call.result.get("seconds"), float):
+            self.receive_seconds.append(call.result["seconds"])
 
     def _send(self, group: Any, params: dict[str, torch.Tensor], call: EngineCall, what: str, fix: str,
               timeout: float | None) -> int:
@@ -331,12 +342,13 @@ class StreamBridge:
             "bytes_sent": self.bytes_sent,
             "push_seconds_total": sum(self.push_seconds),
             "push_seconds_median": statistics.median(self.push_seconds) if self.push_seconds else None,
+            "receive_seconds_median": statistics.median(self.receive_seconds) if self.receive_seconds else None,
             "connect_seconds": self.connect_seconds,
             "weight_version": self.weight_version,
         }
 
     def _close_group(self, abort: bool = False) -> None:
-        self._buffers = None
+        self._buffers, self._packing = None, {}
         group, self._group = self._group, None
         if group is not None:
             group.close(abort=abort)
@@ -346,7 +358,7 @@ class StreamBridge:
         if self._closed:
             return
         self._closed = True
-        self._buffers = None
+        self._buffers, self._packing = None, {}
         group, self._group = self._group, None
         if group is not None:
             # Both ends at once: an NCCL close waits for the peer's (Note [closing an NCCL group takes both

@@ -166,6 +166,25 @@ def test_closed_stream_is_refused(engine, model) -> None:
         pass
 
 
+def test_packing_resolves_the_mapping_once_and_pushes_only_copy(engine, model, monkeypatch) -> None:
+    """Note [packing from HF tensors]: the HF views of each (bucket, buffer) are built at the first push; later
+    pushes only copy, so the trainer's CPU keeps ahead of the wire. The engine's own receive time is kept."""
+    from ipcbridge import mapping
+
+    with ipcbridge.stream(engine, model, bucket_bytes=4096, timeout=10) as s:
+        s.push()
+        calls = []
+        real = mapping.hf_views
+        monkeypatch.setattr(mapping, "hf_views", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        s.push()
+        assert calls == []
+        assert_engine_serves(engine, model, s.weight_version)  # the cached views packed the new weights
+        assert len(s.receive_seconds) == 2 and s.stats()["receive_seconds_median"] > 0
+
+
 def test_close_tears_both_ends_down_at_once(engine, model, monkeypatch) -> None:
     """Note [closing an NCCL group takes both sides]: an NCCL end's close waits for the peer's, and the engine
     closes its end inside the ``stream_close`` RPC; one after the other, they deadlocked against real vLLM."""

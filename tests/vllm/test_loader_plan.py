@@ -11,6 +11,7 @@ import torch
 
 import ipcbridge
 from ipcbridge import mapping
+from ipcbridge.attach import attach_with_attachment
 from ipcbridge.errors import ManifestError, MappingError
 from ipcbridge.mapping.derived import Landing, LoaderPlan, differences, table_plan
 from ipcbridge.mapping.rotary import permute_rotary
@@ -233,10 +234,12 @@ def test_a_table_less_architecture_attaches_through_its_derived_plan() -> None:
     tensors = {n: p.data for n, p in params.items()}  # kept alive: the export holds weak references
     manifest = ipcbridge.export(tensors, cfg, layout="vllm")
     manifest = ipcbridge.Manifest.from_json(manifest.replace(loader_plan=plan.to_dict()).to_json())
-    model = ipcbridge.attach(manifest)
+    model, att = attach_with_attachment(manifest)
     ids = token_ids()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+    # What Bridge.check counts, read from the addresses (it once asked the absent table and refused)
+    assert att.tensors_used(model) == set(vllm) and att.outside(model) == []
     with pytest.raises(MappingError, match="unknown architecture 'olmo2'"):
         ipcbridge.attach(manifest.replace(loader_plan=None))
 

@@ -52,8 +52,8 @@ def config_for(arch: str):
     if arch in ("gemma", "gemma2", "gemma3_text"):
         extra = {} if arch == "gemma" else {"sliding_window": 128}
         return tf.AutoConfig.for_model(arch, num_key_value_heads=2, head_dim=64, **extra, **kw)
-    if arch == "stablelm":
-        return tf.AutoConfig.for_model(arch, num_key_value_heads=2, **kw)
+    if arch == "phi3":  # its default pad_token_id (32000) lies outside this vocab, which vLLM refuses
+        return tf.AutoConfig.for_model(arch, num_key_value_heads=2, pad_token_id=0, **kw)
     return tf.AutoConfig.for_model(arch, num_key_value_heads=2, **kw)
 
 

@@ -43,13 +43,13 @@ def require_vllm() -> None:
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
 
-def tiny_config(arch: str) -> Any:
+def tiny_config(arch: str, **overrides: Any) -> Any:
     """The shared tiny config at a size vLLM's Triton attention takes (head_dim 64); vocab 1000 is padded
-    to 1024 by vLLM. qwen2 ties embeddings and has q/k/v biases, qwen3 has q_norm/k_norm."""
-    return helpers.tiny_config(
-        arch, tied=arch == "qwen2", vocab_size=1000, hidden_size=256, intermediate_size=512, head_dim=64,
-        max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-    )
+    to 1024 by vLLM. qwen2 ties embeddings and has q/k/v biases, qwen3 has q_norm/k_norm. ``overrides``
+    change fields (a model that does not fit the engine's, say)."""
+    fields: dict[str, Any] = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, head_dim=64,
+                                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    return helpers.tiny_config(arch, tied=arch == "qwen2", **{**fields, **overrides})
 
 
 def record(test: str, **data: Any) -> None:
