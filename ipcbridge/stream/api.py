@@ -37,6 +37,7 @@ from ipcbridge.manifest import Manifest
 from ipcbridge.stream.bridge import StreamBridge, _model_device, open_stream, stream_engine
 from ipcbridge.stream.controls import AsyncLLMControl, HttpControl, LLMControl, StockControl
 from ipcbridge.stream.ipc import IpcStreamBridge
+from ipcbridge.stream.layout import fits_engine
 from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, plan_vllm_chunks
 from ipcbridge.stream.stock import VLLM_BUFFER_BYTES, StockStreamBridge, StockWire, hf_specs, parse_version
 from ipcbridge.transports.cuda_ipc import device_uuid, normalize_uuid
@@ -163,6 +164,46 @@ def _ipcbridge_endpoint(target: Any, required: bool) -> VllmReceiverEndpoint | N
         return None
 
 
+#: HF config fields that fix the shapes of a decoder's weights (compared where the engine's tensors can't be asked).
+_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def check_stock_fit(target: Any, model: nn.Module) -> None:
+    """``BridgeError`` before anything is sent if ``model`` does not fit the stock engine ``target``.
+
+    Note [vLLM's receiver is not transactional]
+        vLLM's own receiver learns names and shapes only while it loads, through ``load_weights`` with
+        layerwise reload. A mismatch raises there after some layers were already taken apart for reloading:
+        on vLLM 0.25.1 the next forward met meta tensors and the EngineCore died (H200, 2026-11-30). So the
+        trainer checks first: against the engine's own tensors where it also runs ipcbridge's extension, else
+        against the HF config of an in-process ``LLM``/``AsyncLLM``. A ``vllm serve`` without the extension
+        cannot be asked; that is logged, and a mismatch there is the engine's to survive.
+    """
+    ep = _ipcbridge_endpoint(target, required=False)
+    if ep is not None:
+        try:
+            fits_engine(ep.stream_layout()[0], model)
+        finally:
+            ep.close()
+        return
+    engine = getattr(target, "llm_engine", target)
+    theirs = getattr(getattr(engine, "model_config", None), "hf_config", None)
+    if theirs is None:
+        logger.warning("cannot check that the model fits %r before streaming into vLLM's receiver (no ipcbridge "
+                       "extension, not in this process); a mismatch would fail inside vLLM's load", target)
+        return
+    for field in _SHAPE_FIELDS:
+        mine, engines = getattr(model.config, field, None), getattr(theirs, field, None)
+        if mine is not None and engines is not None and mine != engines:
+            raise BridgeError(
+                f"the trainer's model does not fit the engine's: {field} is {mine!r} in the trainer's config and "
+                f"{engines!r} in the engine's. vLLM's receiver would fail halfway through loading and leave the "
+                "engine unable to serve (Note [vLLM's receiver is not transactional]). Fix: stream the model the "
+                "engine serves (same config)"
+            )
+
+
 def stock_control(target: Any, timeout: float) -> StockControl:
     """The control of a stock vLLM engine: an ``LLM``, an ``AsyncLLM`` or a ``vllm serve`` URL."""
     if isinstance(target, str):
@@ -234,6 +275,7 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int | None = None, ba
     if device.type != "cuda":
         raise BridgeError(f"vLLM's NCCL receiver takes CUDA tensors and the model is on {device}; model.to('cuda')")
     kw.pop("bucket_bytes")
+    check_stock_fit(target, model)
     return open_stock(stock_control(target, timeout), model, bucket_bytes=bucket_bytes, **kw)
 
 

@@ -44,7 +44,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -52,7 +51,7 @@ from torch import nn
 
 from ipcbridge import mapping
 from ipcbridge.endpoints import CanReceiveStream, Endpoint, resolve_endpoint
-from ipcbridge.errors import BridgeError, MappingError
+from ipcbridge.errors import BridgeError
 from ipcbridge.fence import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_WAIT_SECONDS,
@@ -64,6 +63,7 @@ from ipcbridge.fence import (
 from ipcbridge.manifest import Manifest
 from ipcbridge.stream.calls import EngineCall, failure
 from ipcbridge.stream.group import TorchGroup, check_backend, master_store
+from ipcbridge.stream.layout import Layout, check_fits, engine_layout
 from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, Bucket, StreamPlan, plan_buckets, unpack
 from ipcbridge.stream.protocol import READY_KEY, new_buffers, send
 
@@ -80,42 +80,6 @@ def _model_device(model: nn.Module) -> torch.device:
     if device.type == "meta":
         raise BridgeError("the model's parameters are on the meta device (no values to stream); load its weights first")
     return device
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """The trainer's HF parameters that the engine's plan takes, derived once from the plan."""
-
-    #: HF name -> (shape, dtype), tied names included.
-    params: dict[str, tuple[tuple[int, ...], torch.dtype]]
-    #: (tied name, the name whose tensor it must be).
-    tied: tuple[tuple[str, str], ...]
-    #: Engine tensors not fully covered by HF tensors (vocab padding): zeroed before packing.
-    zero: frozenset[str]
-
-
-def _layout(plan: StreamPlan, config: Any) -> _Layout:
-    meta = {s.name: torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in plan.slots}
-    try:
-        views = mapping.hf_views(meta, config)
-        steps = mapping.plan_from_vllm(meta.keys(), config)
-    except MappingError as e:
-        raise BridgeError(
-            f"the trainer's model does not fit the engine's weights: {e} Fix: stream the model the engine serves "
-            "(same architecture and config)"
-        ) from None
-    covered = dict.fromkeys(meta, 0)
-    tied = []
-    for s in steps:
-        if s.op == "tied":
-            tied.append((s.hf, s.tied_to or ""))
-        else:
-            covered[s.target] += views[s.hf].numel()
-    return _Layout(
-        params={n: (tuple(v.shape), v.dtype) for n, v in views.items()},
-        tied=tuple(tied),
-        zero=frozenset(n for n, t in meta.items() if covered[n] < t.numel()),
-    )
 
 
 class StreamBridge:
@@ -164,9 +128,9 @@ class StreamBridge:
         """``backend``, or the default for a model on ``device``, if it can carry that device's buffers."""
         return check_backend(backend or ("nccl" if device.type == "cuda" else "gloo"), device)
 
-    def _make_layout(self, plan: StreamPlan, model: nn.Module) -> _Layout:
+    def _make_layout(self, plan: StreamPlan, model: nn.Module) -> Layout:
         """The HF parameters the plan takes (a subclass whose plan is in HF names overrides this)."""
-        return _layout(plan, model.config)
+        return engine_layout(plan, model.config)
 
     def _send_buffers(self) -> list[torch.Tensor]:
         if self._buffers is None:
@@ -187,31 +151,7 @@ class StreamBridge:
     def _check_model(self) -> dict[str, torch.Tensor]:
         """The model's tensors by HF name, or ``BridgeError`` if they no longer fit the engine's weights."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        expected = self._layout.params
-        missing = sorted(expected.keys() - params.keys())
-        extra = sorted(params.keys() - expected.keys())
-        if missing or extra:
-            raise BridgeError(
-                f"the trainer's model no longer matches the engine's weights: missing {missing[:8]}, not in the "
-                f"engine {extra[:8]}. Fix: stream the model the engine serves (same config), and do not add or "
-                "remove parameters after ipcbridge.stream()"
-            )
-        for name, (shape, dtype) in expected.items():
-            p = params[name]
-            if tuple(p.shape) != shape or p.dtype != dtype:
-                raise BridgeError(
-                    f"{name}: the trainer's model has {p.dtype} {list(p.shape)}, the engine's weights take "
-                    f"{dtype} {list(shape)}. Fix: keep the model's shapes and dtypes (no resize_token_embeddings; "
-                    f"after a cast, model.to({dtype})), or restart the engine with the new model and open a new "
-                    "stream"
-                )
-        for name, target in self._layout.tied:
-            if params[name] is not params[target]:
-                raise BridgeError(
-                    f"the engine ties {name} to {target}, but the trainer's model has two separate tensors, and "
-                    f"the engine would never see {name}'s updates. Fix: model.tie_weights() (or start the "
-                    "engine with tie_word_embeddings=False)"
-                )
+        check_fits(self._layout, params)
         if self.backend in ("nccl", "ipc"):
             on = {str(p.device) for p in params.values()} - {str(self._device)}
             if on:
@@ -379,7 +319,7 @@ class StreamBridge:
         self.close()
 
 
-def _engine_layout(endpoint: Any) -> tuple[list[tuple[str, Any, Any]], int]:
+def _announced_tensors(endpoint: Any) -> tuple[list[tuple[str, Any, Any]], int]:
     """(name, dtype, shape) of every engine tensor in the 'vllm' layout, and the engine's weight version.
 
     ``stream_layout()`` where the endpoint has it (it exports no memory, so it works where a manifest is
@@ -441,7 +381,7 @@ def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_
                 "the memory can be shared, use ipcbridge.connect()"
             )
         chosen = cls.pick_backend(backend, _model_device(model))
-        specs, version = _engine_layout(endpoint)
+        specs, version = _announced_tensors(endpoint)
         return cls(endpoint, model, version, plan=plan_buckets(specs, bucket_bytes), backend=chosen,
                    timeout=timeout, host=host, lease_seconds=lease_seconds, wait=wait)
 

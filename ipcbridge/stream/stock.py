@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from ipcbridge.errors import BridgeError
-from ipcbridge.stream.bridge import StreamBridge, _Layout
+from ipcbridge.stream.bridge import StreamBridge
 from ipcbridge.stream.calls import EngineCall
+from ipcbridge.stream.layout import Layout
 from ipcbridge.stream.nccl import (
     PeerCheck,
     free_port,
@@ -133,14 +134,14 @@ class StockStreamBridge(StreamBridge):
         super().__init__(control, model, control.weight_version, plan=plan, backend="nccl", timeout=timeout,
                          host=host, lease_seconds=lease_seconds, wait=wait)
 
-    def _make_layout(self, plan: StreamPlan, model: nn.Module) -> _Layout:
+    def _make_layout(self, plan: StreamPlan, model: nn.Module) -> Layout:
         params = dict(model.named_parameters(remove_duplicate=False))
         first: dict[int, str] = {}
         for name, p in model.named_parameters():
             first.setdefault(id(p), name)
         planned = {s.name for s in plan.slots}
         tied = tuple((n, first[id(p)]) for n, p in params.items() if n not in planned and id(p) in first)
-        return _Layout(params={n: (tuple(p.shape), p.dtype) for n, p in params.items()}, tied=tied,
+        return Layout(params={n: (tuple(p.shape), p.dtype) for n, p in params.items()}, tied=tied,
                        zero=frozenset())
 
     def _pack(self, bucket: Bucket, out: torch.Tensor) -> None:
