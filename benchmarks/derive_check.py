@@ -187,7 +187,12 @@ def main() -> int:
             json.dump(result, f, indent=1)
         return 0
     if args.one:
-        return 0 if one(check_one, args.one, args.json, error_chars=1500, ok=False).get("ok") else 1
+        ok = one(check_one, args.one, args.json, error_chars=1500, ok=False).get("ok")
+        # The row is written. Tearing vLLM's distributed state down at exit hung on the H200 (every child sat
+        # out --timeout, 2026-11-30), so the child leaves without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if ok else 1)
     return run_all([a for a in args.archs.split(",") if a], max(1, args.jobs), args.timeout, args.json, args.logs)
 
 

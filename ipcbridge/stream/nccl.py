@@ -127,7 +127,7 @@ class CommGroup:
         self.rank = rank
         self.device = torch.device(device)
         self.timeout = timeout
-        self._stream = torch.cuda.Stream(device=self.device)
+        self._stream = torch.cuda.Stream(device=self.device, priority=-1)  # Note [NCCL on a high-priority stream] (group.py)
 
     @property
     def closed(self) -> bool:

@@ -198,3 +198,31 @@ def test_an_nccl_shutdown_torch_dropped_is_a_bridge_error_naming_torch(caplog) -
     with caplog.at_level(logging.WARNING, logger=group.__name__):
         g.close()  # closing logs it rather than raising: the group is dropped either way
     assert g.closed and torch.__version__ in caplog.text
+
+
+class _FakeNCCL:
+    """What ``_nccl_options`` touches of ``ProcessGroupNCCL`` (absent from CPU builds of torch)."""
+
+    class Options:
+        def __init__(self, is_high_priority_stream: bool = False) -> None:
+            self.is_high_priority_stream = is_high_priority_stream
+            self._timeout = None
+
+
+def test_nccl_groups_run_on_a_high_priority_stream_with_the_timeout(monkeypatch) -> None:
+    """Note [NCCL on a high-priority stream]: the broadcasts' blocks go before the copies beside them."""
+    import datetime
+
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", _FakeNCCL, raising=False)
+    opts = group._nccl_options(7.0)
+    assert opts.is_high_priority_stream and opts._timeout == datetime.timedelta(seconds=7)
+
+    class NoTimeout(_FakeNCCL.Options):
+        def __init__(self, is_high_priority_stream: bool = False) -> None:
+            self.is_high_priority_stream = is_high_priority_stream
+
+    monkeypatch.setattr(_FakeNCCL, "Options", NoTimeout)
+    with pytest.raises(BridgeError, match=_names_torch("ProcessGroupNCCL.Options._timeout")):
+        group._nccl_options(7.0)
