@@ -185,7 +185,8 @@ def check_stock_fit(target: Any, model: nn.Module) -> None:
         try:
             fits_engine(ep.stream_layout()[0], model)
         finally:
-            ep.close()
+            if target not in (ep, getattr(ep, "inner", None)):  # only what was opened here; the caller's stays
+                ep.close()
         return
     engine = getattr(target, "llm_engine", target)
     theirs = getattr(getattr(engine, "model_config", None), "hf_config", None)

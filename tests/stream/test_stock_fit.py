@@ -74,3 +74,10 @@ def test_an_engine_that_cannot_be_asked_is_logged_not_refused(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="ipcbridge.stream.api"):
         api.check_stock_fit(SimpleNamespace(), model_of())
     assert "cannot check that the model fits" in caplog.text
+
+
+def test_an_endpoint_the_caller_passed_is_checked_but_not_closed(monkeypatch) -> None:
+    receiver = FakeReceiver(model_of())
+    monkeypatch.setattr(api, "_ipcbridge_endpoint", lambda target, required: target)
+    api.check_stock_fit(receiver, model_of())
+    assert not receiver.closed
