@@ -24,6 +24,7 @@ import datetime
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,11 +116,11 @@ def _nccl_options(timeout: float) -> Any:
 
     Note [NCCL on a high-priority stream]
         Packing (trainer) and loading (engine) are copy kernels that run beside the next bucket's broadcast
-        (Note [double buffering]). On one H200 pair each 256 MiB bucket cost about 0.24 ms more than the wire
-        (8B: 59 ms for 43 ms of broadcast, 2026-11-30), about one such copy: a copy launched while a
-        broadcast runs takes every free SM, and the next broadcast's kernel waits behind its blocks. On a
-        high-priority stream the broadcast's blocks are dispatched first. Private: ``_timeout`` (the public
-        constructor takes a timeout or options, not both); without it the group keeps the default priority.
+        (Note [double buffering]). A copy launched while a broadcast runs can take every free SM, and the
+        next broadcast's kernel would then wait behind its blocks; on a high-priority stream its blocks are
+        dispatched first. (The per-bucket stall measured on two H200s has a likelier cause, Note [a wait that
+        does not oversleep]; neither change was measured yet.) Private: ``_timeout`` (the public constructor
+        takes a timeout or options, not both); if torch drops it, NCCL streams cannot be opened (gloo ones can).
     """
     import torch.distributed as dist
 
@@ -211,6 +212,41 @@ def _new_process_group(store: Any, rank: int, world_size: int, backend: str, tim
     raise BridgeError(f"unknown stream backend {backend!r}; use one of {BACKENDS}")
 
 
+#: Longest nap between two polls of a broadcast in flight. Note [a wait that does not oversleep].
+POLL_CAP_S = 1e-4
+
+
+class PolledWork:
+    """An NCCL broadcast whose ``wait()`` polls it briefly first. Note [a wait that does not oversleep]
+
+    ``TorchGroup`` builds NCCL groups with blocking wait (Note [an NCCL timeout must not kill the engine]),
+    and torch's blocking ``wait()`` checks completion once per millisecond, sleeping in between. A 256 MiB
+    bucket takes about 0.7 ms on NVLink, so each wait overslept its bucket and the two-buffer pipeline
+    stalled once per bucket: on two H200s a push took about 0.9-1.1 ms per bucket whatever its size (8B:
+    59 ms for 67 buckets, 43 ms of wire; 2026-11-30). Here ``wait()`` polls ``is_completed()`` with naps
+    that grow to :data:`POLL_CAP_S`, and calls torch's ``wait()`` only once the work has completed (it then
+    returns at once, or raises the work's error), or once the deadline has passed (it then raises NCCL's
+    timeout as before).
+    """
+
+    def __init__(self, work: Any, timeout: float | None = None) -> None:
+        self._work = work
+        self._timeout = timeout
+
+    def wait(self) -> Any:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        pause = 5e-6
+        while not self._work.is_completed():
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, POLL_CAP_S)
+        return self._work.wait()
+
+    def is_completed(self) -> bool:
+        return bool(self._work.is_completed())
+
+
 class TorchGroup:
     """A private ``torch.distributed`` process group (gloo or NCCL) as a :class:`~ipcbridge.stream.protocol.Group`.
 
@@ -220,8 +256,10 @@ class TorchGroup:
     :mod:`ipcbridge.stream.protocol`).
     """
 
-    def __init__(self, pg: Any, store: Any, backend: str, rank: int, world_size: int) -> None:
+    def __init__(self, pg: Any, store: Any, backend: str, rank: int, world_size: int,
+                 timeout: float | None = None) -> None:
         self._pg = pg
+        self.timeout = timeout
         self._store = store  # NCCL exchanges its unique id through it at the first collective
         self.backend = backend
         self.rank = rank
@@ -232,7 +270,7 @@ class TorchGroup:
              host: str = "127.0.0.1") -> TorchGroup:
         pg = _new_process_group(store, rank, world_size, backend, timeout, host)
         logger.info("joined a %s stream group as rank %d of %d", backend, rank, world_size)
-        return cls(pg, store, backend, rank, world_size)
+        return cls(pg, store, backend, rank, world_size, timeout)
 
     @property
     def closed(self) -> bool:
@@ -246,7 +284,8 @@ class TorchGroup:
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         opts.rootTensor = 0
-        return self._pg.broadcast([tensor], opts)
+        work = self._pg.broadcast([tensor], opts)
+        return PolledWork(work, self.timeout) if self.backend == "nccl" else work
 
     def close(self, abort: bool = False, wait: float = CLOSE_WAIT_S) -> None:
         """Leave the group. ``abort=True`` after a failure: NCCL aborts its communicators instead of flushing.

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from ipcbridge.errors import BridgeError
+from ipcbridge.stream.group import POLL_CAP_S
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class _EventWork:
                 raise BridgeError(f"an NCCL broadcast did not complete within {self._timeout:.0f}s: the engine is "
                                   "stuck or gone")
             time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+            pause = min(pause * 2, POLL_CAP_S)  # Note [a wait that does not oversleep] (group.py)
         return True
 
 

@@ -226,3 +226,39 @@ def test_nccl_groups_run_on_a_high_priority_stream_with_the_timeout(monkeypatch)
     monkeypatch.setattr(_FakeNCCL, "Options", NoTimeout)
     with pytest.raises(BridgeError, match=_names_torch("ProcessGroupNCCL.Options._timeout")):
         group._nccl_options(7.0)
+
+
+class _Work:
+    """An NCCL work as torch has it: completion polled, ``wait()`` blocking."""
+
+    def __init__(self, done_after: int) -> None:
+        self.polls, self.done_after, self.waited_when = 0, done_after, None
+
+    def is_completed(self) -> bool:
+        self.polls += 1
+        return self.polls > self.done_after
+
+    def wait(self) -> bool:
+        self.waited_when = self.polls
+        return True
+
+
+def test_a_broadcast_is_polled_to_completion_before_torchs_wait() -> None:
+    """Note [a wait that does not oversleep]: torch's blocking wait naps 1 ms between checks, longer than a
+    bucket takes; the wait polls in short naps first and calls torch's once the work is done."""
+    work = _Work(done_after=5)
+    t0 = time.monotonic()
+    assert group.PolledWork(work, timeout=10).wait() is True
+    assert work.waited_when == 6 and time.monotonic() - t0 < 0.05  # naps of at most POLL_CAP_S
+    stuck = _Work(done_after=10**9)
+    group.PolledWork(stuck, timeout=0.05).wait()  # past the deadline torch's wait runs (and raises NCCL's timeout)
+    assert stuck.waited_when is not None
+
+
+def test_only_nccl_broadcasts_are_polled() -> None:
+    class PG:
+        def broadcast(self, tensors, opts):
+            return _Work(0)
+
+    assert isinstance(TorchGroup(PG(), None, "nccl", 0, 2, timeout=5).broadcast(torch.zeros(1), 0), group.PolledWork)
+    assert isinstance(TorchGroup(PG(), None, "gloo", 0, 2).broadcast(torch.zeros(1), 0), _Work)
