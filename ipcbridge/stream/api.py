@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipcbridge import mapping
 from ipcbridge.endpoints import resolve_endpoint
-from ipcbridge.errors import BridgeError
+from ipcbridge.errors import BridgeError, MappingError
 from ipcbridge.fence import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS, check_settings
 from ipcbridge.manifest import Manifest
 from ipcbridge.stream.bridge import StreamBridge, _model_device, open_stream, stream_engine
@@ -164,23 +165,19 @@ def _ipcbridge_endpoint(target: Any, required: bool) -> VllmReceiverEndpoint | N
         return None
 
 
-#: HF config fields that fix the shapes of a decoder's weights (compared where the engine's tensors can't be asked).
-_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
-
-
-def check_stock_fit(target: Any, model: nn.Module) -> None:
+def check_stock_fit(target: Any, model: nn.Module, ask_extension: bool = True) -> None:
     """``BridgeError`` before anything is sent if ``model`` does not fit the stock engine ``target``.
+    ``ask_extension=False``: the caller already found no ipcbridge extension to ask.
 
     Note [vLLM's receiver is not transactional]
         vLLM's own receiver learns names and shapes only while it loads, through ``load_weights`` with
         layerwise reload. A mismatch raises there after some layers were already taken apart for reloading:
         on vLLM 0.25.1 the next forward met meta tensors and the EngineCore died (H200, 2026-11-30). So the
         trainer checks first: against the engine's own tensors where it also runs ipcbridge's extension, else
-        against the HF config of an in-process ``LLM``/``AsyncLLM``. A ``vllm serve`` without the extension
-        cannot be asked; that is logged, and a mismatch there is the engine's to survive.
+        against the HF model that an in-process ``LLM``/``AsyncLLM``'s config builds. A ``vllm serve``
+        without the extension cannot be asked; that is logged, and a mismatch there is the engine's to survive.
     """
-    ep = _ipcbridge_endpoint(target, required=False)
+    ep = _ipcbridge_endpoint(target, required=False) if ask_extension else None
     if ep is not None:
         try:
             fits_engine(ep.stream_layout()[0], model)
@@ -190,19 +187,24 @@ def check_stock_fit(target: Any, model: nn.Module) -> None:
         return
     engine = getattr(target, "llm_engine", target)
     theirs = getattr(getattr(engine, "model_config", None), "hf_config", None)
-    if theirs is None:
+    try:
+        shapes = mapping.hf_parameter_shapes(theirs)[0] if theirs is not None else None
+    except (MappingError, ValueError) as e:  # a config transformers has no causal LM for
+        logger.warning("cannot build the engine's HF model from its config (%s)", e)
+        shapes = None
+    if shapes is None:
         logger.warning("cannot check that the model fits %r before streaming into vLLM's receiver (no ipcbridge "
-                       "extension, not in this process); a mismatch would fail inside vLLM's load", target)
+                       "extension, no HF config in this process); a mismatch would fail inside vLLM's load", target)
         return
-    for field in _SHAPE_FIELDS:
-        mine, engines = getattr(model.config, field, None), getattr(theirs, field, None)
-        if mine is not None and engines is not None and mine != engines:
-            raise BridgeError(
-                f"the trainer's model does not fit the engine's: {field} is {mine!r} in the trainer's config and "
-                f"{engines!r} in the engine's. vLLM's receiver would fail halfway through loading and leave the "
-                "engine unable to serve (Note [vLLM's receiver is not transactional]). Fix: stream the model the "
-                "engine serves (same config)"
-            )
+    mine = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    differ = sorted(n for n in shapes.keys() | mine.keys() if shapes.get(n) != mine.get(n))
+    if differ:
+        raise BridgeError(
+            f"the trainer's model does not fit the engine's: {len(differ)} parameter(s) differ, e.g. {differ[0]}: "
+            f"{mine.get(differ[0])} in the trainer's model, {shapes.get(differ[0])} in the model of the engine's "
+            "config. vLLM's receiver would fail halfway through loading and leave the engine unable to serve "
+            "(Note [vLLM's receiver is not transactional]). Fix: stream the model the engine serves (same config)"
+        )
 
 
 def stock_control(target: Any, timeout: float) -> StockControl:
@@ -276,7 +278,7 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int | None = None, ba
     if device.type != "cuda":
         raise BridgeError(f"vLLM's NCCL receiver takes CUDA tensors and the model is on {device}; model.to('cuda')")
     kw.pop("bucket_bytes")
-    check_stock_fit(target, model)
+    check_stock_fit(target, model, ask_extension=receiver == "vllm")  # else asked just above
     return open_stock(stock_control(target, timeout), model, bucket_bytes=bucket_bytes, **kw)
 
 

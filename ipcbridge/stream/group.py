@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -216,6 +216,18 @@ def _new_process_group(store: Any, rank: int, world_size: int, backend: str, tim
 POLL_CAP_S = 1e-4
 
 
+def poll(done: Callable[[], bool], deadline: float | None) -> bool:
+    """Whether ``done()`` came true by ``deadline`` (``time.monotonic()``; ``None``: no limit), asked in naps
+    that grow to :data:`POLL_CAP_S`. Note [a wait that does not oversleep]."""
+    pause = 5e-6
+    while not done():
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, POLL_CAP_S)
+    return True
+
+
 class PolledWork:
     """An NCCL broadcast whose ``wait()`` polls it briefly first. Note [a wait that does not oversleep]
 
@@ -234,17 +246,8 @@ class PolledWork:
         self._timeout = timeout
 
     def wait(self) -> Any:
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        pause = 5e-6
-        while not self._work.is_completed():
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(pause)
-            pause = min(pause * 2, POLL_CAP_S)
+        poll(self._work.is_completed, None if self._timeout is None else time.monotonic() + self._timeout)
         return self._work.wait()
-
-    def is_completed(self) -> bool:
-        return bool(self._work.is_completed())
 
 
 class TorchGroup:

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from ipcbridge.errors import BridgeError
-from ipcbridge.stream.group import POLL_CAP_S
+from ipcbridge.stream.group import poll
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +107,9 @@ class _EventWork:
 
     def wait(self) -> bool:
         torch.cuda.current_stream(self._device).wait_event(self._event)
-        pause = 20e-6
-        while not self._event.query():
-            if time.monotonic() > self._deadline:
-                raise BridgeError(f"an NCCL broadcast did not complete within {self._timeout:.0f}s: the engine is "
-                                  "stuck or gone")
-            time.sleep(pause)
-            pause = min(pause * 2, POLL_CAP_S)  # Note [a wait that does not oversleep] (group.py)
+        if not poll(self._event.query, self._deadline):  # Note [a wait that does not oversleep] (group.py)
+            raise BridgeError(f"an NCCL broadcast did not complete within {self._timeout:.0f}s: the engine is "
+                              "stuck or gone")
         return True
 
 

@@ -52,10 +52,11 @@ def no_extension(monkeypatch) -> None:
     monkeypatch.setattr(api, "_ipcbridge_endpoint", lambda target, required: None)
 
 
-def test_an_in_process_engine_of_another_shape_is_refused_naming_the_field() -> None:
+def test_an_in_process_engine_of_another_shape_is_refused_naming_the_parameter() -> None:
     engine = in_process_llm(tiny_config("llama"))
     api.check_stock_fit(engine, model_of())  # the same config fits
-    with pytest.raises(BridgeError, match=r"intermediate_size is 128 .* not transactional.*Fix: stream the model"):
+    with pytest.raises(BridgeError, match=r"6 parameter\(s\) differ, e\.g\. model\.layers\.0\.mlp\.down_proj\.weight: "
+                       r"\(64, 128\) in the trainer's model, \(64, 96\) .* not transactional.*Fix: stream the model"):
         api.check_stock_fit(engine, model_of(intermediate_size=128))
 
 
@@ -74,6 +75,11 @@ def test_an_engine_that_cannot_be_asked_is_logged_not_refused(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="ipcbridge.stream.api"):
         api.check_stock_fit(SimpleNamespace(), model_of())
     assert "cannot check that the model fits" in caplog.text
+
+
+def test_a_caller_that_found_no_extension_is_not_asked_again(monkeypatch) -> None:
+    monkeypatch.setattr(api, "_ipcbridge_endpoint", lambda target, required: pytest.fail("asked twice"))
+    api.check_stock_fit(in_process_llm(tiny_config("llama")), model_of(), ask_extension=False)
 
 
 def test_an_endpoint_the_caller_passed_is_checked_but_not_closed(monkeypatch) -> None:
