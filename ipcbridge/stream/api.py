@@ -39,7 +39,7 @@ from ipcbridge.stream.bridge import StreamBridge, _model_device, open_stream, st
 from ipcbridge.stream.controls import AsyncLLMControl, HttpControl, LLMControl, StockControl
 from ipcbridge.stream.ipc import IpcStreamBridge
 from ipcbridge.stream.layout import fits_engine
-from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, plan_vllm_chunks
+from ipcbridge.stream.plan import plan_vllm_chunks
 from ipcbridge.stream.stock import VLLM_BUFFER_BYTES, StockStreamBridge, StockWire, hf_specs, parse_version
 from ipcbridge.transports.cuda_ipc import device_uuid, normalize_uuid
 
@@ -246,8 +246,8 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int | None = None, ba
     ``target``: a :class:`~ipcbridge.LocalEngine`, a ``vllm.LLM``, an ``AsyncLLM`` or the ``http://`` URL of
     ``vllm serve``. ``receiver`` (vLLM only): ``"ipcbridge"``, ``"vllm"``, ``"ipc"`` (ipcbridge's, through a
     shared buffer on the trainer's GPU) or ``None`` to pick (Note [two receivers in vLLM], Note [one GPU:
-    the shared buffer]). ``bucket_bytes``: the size of one broadcast (default 256 MiB for ipcbridge's
-    receiver, vLLM's 1 GiB for vLLM's, which must agree with it). ``backend``: ``"nccl"`` or ``"gloo"`` for
+    the shared buffer]). ``bucket_bytes``: the size of one broadcast (default for ipcbridge's receivers:
+    the larger of 256 MiB and the largest tensor; for vLLM's, its own 1 GiB, which must agree with it). ``backend``: ``"nccl"`` or ``"gloo"`` for
     ipcbridge's receivers (vLLM's is NCCL only), ``"ipc"`` for the shared buffer. ``timeout`` bounds
     joining, every broadcast and every engine call; ``host`` is where this process serves the rendezvous.
     ``lease_seconds`` and ``wait`` are the fence's, as for :func:`ipcbridge.connect`. Returns a bridge
@@ -261,7 +261,7 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int | None = None, ba
         raise BridgeError("vLLM's own receiver takes NCCL only; the shared buffer (backend='ipc') needs ipcbridge's "
                           "worker extension (receiver='ipc')")
     kw: dict[str, Any] = {"timeout": timeout, "host": host, "lease_seconds": lease_seconds, "wait": wait,
-                          "bucket_bytes": bucket_bytes or DEFAULT_BUCKET_BYTES}
+                          "bucket_bytes": bucket_bytes}
     if not _is_vllm(target):
         if receiver == "vllm":
             raise BridgeError("receiver='vllm' streams into a vLLM engine; this target is not one")

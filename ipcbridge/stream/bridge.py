@@ -64,7 +64,7 @@ from ipcbridge.manifest import Manifest
 from ipcbridge.stream.calls import EngineCall, failure
 from ipcbridge.stream.group import TorchGroup, check_backend, master_store
 from ipcbridge.stream.layout import Layout, check_fits, engine_layout
-from ipcbridge.stream.plan import DEFAULT_BUCKET_BYTES, Bucket, StreamPlan, plan_buckets, unpack
+from ipcbridge.stream.plan import Bucket, StreamPlan, plan_buckets, unpack
 from ipcbridge.stream.protocol import READY_KEY, new_buffers, send
 
 logger = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def open_stream(make: Callable[[], _B], endpoint: Any) -> _B:
     return sb
 
 
-def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int | None = None,
                   backend: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
                   lease_seconds: float = DEFAULT_LEASE_SECONDS, wait: float = DEFAULT_WAIT_SECONDS,
                   bridge_cls: type[StreamBridge] | None = None) -> StreamBridge:
@@ -363,8 +363,9 @@ def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int = DEFAULT_
     buffer on the trainer's own GPU (:mod:`ipcbridge.stream.ipc`). ``target``: an engine that can receive streamed weights (a :class:`~ipcbridge.LocalEngine`). ``model``
     stays the trainer's own; it must match the engine's model (names, shapes, dtypes). ``backend``:
     ``"nccl"`` (default for CUDA models; the engine must be on another GPU) or ``"gloo"`` (default on CPU;
-    works for any devices, through host memory). ``bucket_bytes``: target size of one broadcast; the two
-    buffers on each side are that large, or as large as the largest tensor if it is larger. ``timeout``
+    works for any devices, through host memory). ``bucket_bytes``: target size of one broadcast (default: the larger
+    of 256 MiB and the largest tensor, Note [bucket policy]); the two buffers on each side are that large,
+    or as large as the largest tensor if it is larger. ``timeout``
     bounds joining and every broadcast; ``host`` is where this process serves the rendezvous. Nothing is
     sent until :meth:`StreamBridge.update` or :meth:`StreamBridge.push`. ``lease_seconds`` and ``wait``
     are the fence's, as for :func:`ipcbridge.connect`.

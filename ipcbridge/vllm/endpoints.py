@@ -162,6 +162,7 @@ class LLMEndpoint(VllmEndpoint):
     """The control channel of an offline ``vllm.LLM``. See Note [the LLM fence]."""
 
     name = "vllm-llm"
+    counts_version_here = True  # Note [an in-process engine's version is counted here]
 
     def __init__(self, llm: Any, timeout: float | None = 300.0, *, kv_reset: str = "always",
                  features: VllmFeatures | None = None, streaming: bool = False) -> None:
@@ -222,6 +223,7 @@ class AsyncLLMEndpoint(OnEventLoop, VllmEndpoint):
 
     name = "vllm-async-llm"
     where = "the AsyncLLM worker"
+    counts_version_here = True
 
     def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop | None = None,
                  timeout: float | None = 600.0, *, kv_reset: str = "always",

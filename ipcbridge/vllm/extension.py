@@ -13,7 +13,9 @@ benchmark helpers (re-initialising weights, the copy-based baseline) are in
 Note [the engine owns the weight version]
     The worker keeps the weight version of the weights it serves. Each fence ends with
     ``ipcbridge_publish_weight_version``, which moves it forward by one and returns the new value; the
-    bridge reports what the worker returned. Since only the worker counts, two bridges on one engine (or a
+    bridge reports what the worker returned. (An engine that is an object of the trainer's process is
+    counted in that process and the worker told when asked: Note [an in-process engine's version is
+    counted here] in :mod:`ipcbridge.vllm.base`.) Since only the worker counts, two bridges on one engine (or a
     lease that ran out and was resumed by the watchdog) never publish the same version twice, and a
     trainer that reconnects continues from the engine's version instead of restarting at 0.
 
@@ -46,7 +48,7 @@ from ipcbridge.manifest import Manifest
 from ipcbridge.vllm.loader_plan import LoaderPlanMixin
 from ipcbridge.vllm.policy import EngineFacts, refusal_reason
 from ipcbridge.vllm.receiver import StreamReceiverMixin
-from ipcbridge.vllm.rpc import EXTENSION_QUALNAME, worker_method
+from ipcbridge.vllm.rpc import EXTENSION_QUALNAME, parse_int, worker_method
 
 logger = logging.getLogger(__name__)
 
@@ -218,8 +220,13 @@ class WorkerExtension(LoaderPlanMixin, StreamReceiverMixin):
         return self._ipcbridge_weight_version
 
     @worker_method
-    def ipcbridge_weight_version(self) -> int:
-        """The weight version last published by :meth:`ipcbridge_publish_weight_version` (0 before any)."""
+    def ipcbridge_weight_version(self, at_least: int | str | None = None) -> int:
+        """The weight version last published (0 before any). ``at_least``: a version the trainer's process
+        counted for this engine (Note [an in-process engine's version is counted here] in
+        :mod:`ipcbridge.vllm.base`); the worker's moves up to it first, never back."""
+        if at_least is not None:
+            floor = parse_int(at_least, "ipcbridge_weight_version's at_least")
+            self._ipcbridge_weight_version = max(self._ipcbridge_weight_version, floor)
         return self._ipcbridge_weight_version
 
     @worker_method

@@ -36,6 +36,7 @@ from ipcbridge.endpoints import InProcessLeases
 from ipcbridge.errors import BridgeError, reset_failed
 from ipcbridge.manifest import Manifest
 from ipcbridge.vllm import endpoints as cross_process
+from ipcbridge.vllm.base import engine_record, worker_heard
 from ipcbridge.vllm.extension import build_manifest, engine_config_dict, model_parameters, unwrap_model
 from ipcbridge.vllm.policy import EngineFacts, refusal_reason
 
@@ -102,7 +103,12 @@ class InProcessLLMEndpoint(InProcessLeases):
         return m
 
     def engine_weight_version(self) -> int:
-        return int(getattr(self.worker, VERSION_ATTR, 0))
+        """The worker's version, first moved up to any that an ``LLMEndpoint`` of this ``LLM`` counted (Note [an
+        in-process engine's version is counted here] in :mod:`ipcbridge.vllm.base`)."""
+        kept = engine_record(self.gate_key).version or 0
+        version = max(int(getattr(self.worker, VERSION_ATTR, 0)), kept)
+        setattr(self.worker, VERSION_ATTR, version)
+        return version
 
     def engine_pause(self) -> None:
         pass  # Note [the LLM fence]: LLM.generate is blocking, nothing is in flight.
@@ -112,6 +118,7 @@ class InProcessLLMEndpoint(InProcessLeases):
         reset = self.llm.reset_prefix_cache()
         version = self.engine_weight_version() + 1
         setattr(self.worker, VERSION_ATTR, version)
+        worker_heard(self.gate_key, version)
         self.weight_version = version
         if reset is False:  # published all the same: the weights did change
             raise reset_failed(self.name)

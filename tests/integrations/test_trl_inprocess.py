@@ -97,3 +97,23 @@ def test_the_policy_still_refuses(monkeypatch) -> None:
     llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size = 2
     with pytest.raises(BridgeError, match="tensor"):
         inprocess.InProcessLLMEndpoint(llm)
+
+
+def test_one_version_sequence_with_a_cross_process_endpoint_on_the_same_llm(allow_cpu) -> None:
+    # An LLMEndpoint of this LLM counts versions in this process (Note [an in-process engine's version is
+    # counted here]); the in-process endpoint continues from them, and they from it.
+    from ipcbridge.vllm.base import engine_record, worker_heard
+
+    llm = _FakeLLM(tiny_config("qwen2", tied=True))
+    ep = inprocess.endpoint_for(llm)
+    bridge = ipcbridge.connect(ep)
+    try:
+        engine_record(llm).version = 7  # counted by the other endpoint, not yet told to the worker
+        assert ep.engine_weight_version() == 7 == inprocess.inprocess_worker(llm)._ipcbridge_weight_version
+        with bridge.update():
+            pass
+        assert bridge.weight_version == 8 == engine_record(llm).version == engine_record(llm).synced
+        assert worker_heard(llm, 3) == 8  # never back
+    finally:
+        bridge.close()
+

@@ -52,6 +52,20 @@ def test_oversize_tensor_gets_a_bucket_of_its_own() -> None:
     assert torch.equal(round_trip(tensors, plan)["big"], tensors["big"])
 
 
+def test_the_default_bucket_is_the_largest_tensor_when_that_passes_256_mib() -> None:
+    # Note [bucket policy]: the buffers hold the largest tensor anyway; fuller buckets cost no memory.
+    mib = 1 << 20
+    embed = ("embed", "bfloat16", (300 * mib // 2,))  # 300 MiB
+    layers = [(f"l{i}", "bfloat16", (96 * mib // 2,)) for i in range(12)]  # 12 x 96 MiB
+    plan = plan_buckets([embed, *layers])
+    assert plan.bucket_bytes == plan.buffer_bytes == 300 * mib
+    assert [len(b.slots) for b in plan.buckets] == [1, 3, 3, 3, 3]
+    asked = plan_buckets([embed, *layers], 256 * mib)  # asked for: kept, same buffers, more broadcasts
+    assert len(asked.buckets) == 7 and asked.buffer_bytes == 300 * mib
+    small = plan_buckets([("w", "float32", (1000,))])  # a small model: the 256 MiB default
+    assert small.bucket_bytes == 256 * mib and small.buffer_bytes == 4000
+
+
 def test_unpack_views_alias_the_buffer_and_go_stale_on_reuse() -> None:
     tensors = {"x": torch.ones(64), "y": torch.full((64,), 2.0)}
     plan = plan_buckets(tensors, bucket_bytes=256)  # one tensor per bucket

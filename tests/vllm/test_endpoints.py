@@ -17,7 +17,7 @@ from ipcbridge.endpoints import CanSample, Endpoint
 from ipcbridge.errors import BridgeError, FenceError, MappingError
 from ipcbridge.fence import Lease
 from ipcbridge.vllm.endpoints import AsyncLLMEndpoint, LLMEndpoint, _check_engine_config, prompt_seed
-from ipcbridge.vllm.rpc import EXTENSION_QUALNAME
+from ipcbridge.vllm.rpc import EXTENSION_QUALNAME, decode_reply
 from ipcbridge.vllm.testing import TESTING_EXTENSION_QUALNAME, TestingWorkerExtension
 from tests.vllm import vllm_fakes as F
 
@@ -66,9 +66,46 @@ def test_llm_endpoint_connect_and_fence(worker: F.FakeWorker) -> None:
     llm.calls.clear()
     with bridge.update(), torch.no_grad():
         bridge.model.model.norm.weight.add_(1.0)
-    assert llm.calls == ["reset_prefix_cache", "ipcbridge_publish_weight_version"]
-    assert bridge.weight_version == ep.engine_weight_version() == ep.weight_version == 1
+    # Note [an in-process engine's version is counted here]: no RPC, the worker hears of it when asked.
+    assert llm.calls == ["reset_prefix_cache"]
+    assert bridge.weight_version == ep.weight_version == 1 and worker._ipcbridge_weight_version == 0
+    assert ep.engine_weight_version() == 1 == worker._ipcbridge_weight_version
     bridge.close()
+
+
+def test_an_llm_worker_hears_the_counted_version_before_anyone_reads_it(worker: F.FakeWorker) -> None:
+    llm = F.FakeLLM(worker)
+    first = ipcbridge.connect(LLMEndpoint(llm))
+    for _ in range(3):
+        with first.update():
+            pass
+    assert worker._ipcbridge_weight_version == 0 and first.weight_version == 3
+    ep = LLMEndpoint(llm)
+    assert ep.info()["weight_version"] == 3  # told first
+    second = ipcbridge.connect(ep)  # a new bridge continues the sequence
+    assert second.weight_version == 3
+    with second.update():
+        pass
+    with first.update():
+        pass
+    assert (second.weight_version, first.weight_version) == (4, 5)
+    assert ep.engine_weight_version() == 5
+    first.close()
+    second.close()
+
+
+def test_the_worker_version_never_moves_back(worker: F.FakeWorker) -> None:
+    def ask(*args: Any) -> Any:
+        return decode_reply(worker.ipcbridge_weight_version(*args), "the fake worker")
+
+    for _ in range(4):
+        worker.ipcbridge_publish_weight_version()
+    assert ask(2) == 4
+    assert ask("6") == 6  # over HTTP: a decimal string
+    for bad in (-1, "x", True, 1.5):
+        with pytest.raises(BridgeError, match="at_least"):
+            ask(bad)
+    assert ask() == 6
 
 
 def test_llm_endpoint_worker_error_keeps_its_type(worker: F.FakeWorker) -> None:
@@ -175,8 +212,7 @@ def test_async_endpoint_fence_from_a_thread(worker: F.FakeWorker) -> None:
         engine.calls.clear()
         with bridge.update():
             pass
-        assert engine.calls == ["core.pause_scheduler_async:wait:clear_cache=False", "reset_prefix_cache",
-                                "ipcbridge_publish_weight_version", "resume"]
+        assert engine.calls == ["core.pause_scheduler_async:wait:clear_cache=False", "reset_prefix_cache", "resume"]
         assert ep.engine_weight_version() == bridge.weight_version == 1
 
         async def on_loop() -> None:
@@ -200,7 +236,7 @@ def test_async_resume_generation_even_if_bookkeeping_fails(worker: F.FakeWorker,
     engine = F.FakeAsyncLLM(worker)
     with F.LoopThread() as loop:
         ep = AsyncLLMEndpoint(engine, loop=loop)
-        fence = F.fence_for(ep)
+        fence = F.fence_for(ep, manifest=False)  # the worker counts: its publish can fail
         if failure == "reset":
             engine.fail_reset = True
         else:

@@ -108,9 +108,12 @@ def make_worker(config: Any, **kw: Any) -> FakeWorker:
     return FakeWorker(config, vllm_module(vllm_state(config)), **kw)
 
 
-def fence_for(endpoint: Any, holder: str = "test bridge") -> Fence:
-    """A bridge's fence on ``endpoint``, without a model (the device sync is a no-op on CPU)."""
-    return Fence(endpoint, holder=holder, version=endpoint.manifest().weight_version, sync=lambda: None)
+def fence_for(endpoint: Any, holder: str = "test bridge", manifest: bool = True) -> Fence:
+    """A bridge's fence on ``endpoint``, without a model (the device sync is a no-op on CPU). ``manifest=False``
+    skips asking for the manifest, so an in-process engine's worker still counts the versions itself (Note [an
+    in-process engine's version is counted here])."""
+    version = endpoint.manifest().weight_version if manifest else 0
+    return Fence(endpoint, holder=holder, version=version, sync=lambda: None)
 
 
 # ---- fake engines, one behaviour per vLLM release -------------------------------------------------------
