@@ -33,7 +33,6 @@ from ipcbridge.stream.plan import (
     StreamPlan,
     pack,
     plan_buckets,
-    plan_stream,
     plan_vllm_chunks,
     unpack,
 )
@@ -42,5 +41,5 @@ from ipcbridge.stream.stock import StockStreamBridge
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES", "Bucket", "IpcStreamBridge", "Slot", "StockStreamBridge", "StreamBridge", "StreamPlan", "TorchGroup", "pack",
-    "plan_buckets", "plan_stream", "plan_vllm_chunks", "receive", "send", "stream", "unpack",
+    "plan_buckets", "plan_vllm_chunks", "receive", "send", "stream", "unpack",
 ]

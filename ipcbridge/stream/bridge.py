@@ -64,7 +64,7 @@ from ipcbridge.manifest import Manifest
 from ipcbridge.stream.calls import EngineCall, failure
 from ipcbridge.stream.group import TorchGroup, check_backend, master_store
 from ipcbridge.stream.layout import Layout, check_fits, engine_layout
-from ipcbridge.stream.plan import Bucket, StreamPlan, plan_stream, unpack
+from ipcbridge.stream.plan import Bucket, StreamPlan, plan_buckets, unpack
 from ipcbridge.stream.protocol import READY_KEY, new_buffers, send
 
 logger = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int | None = N
             )
         chosen = cls.pick_backend(backend, _model_device(model))
         specs, version = _announced_tensors(endpoint)
-        return cls(endpoint, model, version, plan=plan_stream(specs, bucket_bytes), backend=chosen,
+        return cls(endpoint, model, version, plan=plan_buckets(specs, bucket_bytes), backend=chosen,
                    timeout=timeout, host=host, lease_seconds=lease_seconds, wait=wait)
 
     sb = open_stream(make, endpoint)

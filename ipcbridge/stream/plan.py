@@ -18,16 +18,6 @@ Note [bucket policy]
     40 us per bucket on two H200s, 2026-11-30: 8B shapes in 67 buckets of 256 MiB ran at 0.93x one
     contiguous broadcast).
 
-Note [the tail ramp]
-    A push ends once the engine has loaded its last bucket, and nothing overlaps that load: with buckets as
-    large as the embedding it is the most exposed cost (1B shapes on two H200s, 2026-11-30: 5 buckets of
-    525 MB reached 0.88x one contiguous broadcast where 9 of 256 MiB reached 0.92x; 8B shapes, 18 buckets
-    of 1 GiB, 0.97x). So :func:`plan_stream`, the plan ``ipcbridge.stream()`` sends, puts the largest
-    tensors first and cuts its last three buckets at 1/4, 1/16 and 1/64 of ``bucket_bytes`` out of the
-    smallest tensors: a copy runs several times faster than NVLink carries, so each of those loads hides
-    behind the next, smaller broadcast, and the last load is tiny. The order is free: the engine checks a
-    plan by names, and every slot names its tensor.
-
 Note [vLLM's packing]
     vLLM's own NCCL receiver (``packed_nccl_broadcast_consumer`` in
     ``vllm/distributed/weight_transfer/packed_tensor.py``, 0.25.1 to 0.33) cuts its buffers differently, and
@@ -260,8 +250,6 @@ class StreamPlan:
 
 
 NamedSpecs = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.dtype | str, Sequence[int]]]
-#: (name, dtype name, shape, bytes) of one tensor.
-Spec = tuple[str, str, tuple[int, ...], int]
 
 
 def plan_buckets(named_specs: NamedSpecs, bucket_bytes: int | None = None,
@@ -272,53 +260,14 @@ def plan_buckets(named_specs: NamedSpecs, bucket_bytes: int | None = None,
     ``bucket_bytes``: ``None`` for the larger of :data:`DEFAULT_BUCKET_BYTES` and the largest tensor.
     """
     specs = list(_specs(named_specs))
-    bucket_bytes = _bucket_bytes(specs, bucket_bytes)
-    return StreamPlan(tuple(Bucket(b) for b in _fill(specs, bucket_bytes, alignment)), bucket_bytes, alignment)
-
-
-#: The last buckets of :func:`plan_stream`, last first: at most ``bucket_bytes >> shift`` bytes each.
-TAIL_SHIFTS = (6, 4, 2)
-
-
-def plan_stream(named_specs: NamedSpecs, bucket_bytes: int | None = None,
-                alignment: int = ALIGNMENT) -> StreamPlan:
-    """The plan ``ipcbridge.stream()`` sends: largest tensors first, the last buckets smaller and smaller.
-
-    See Note [the tail ramp]; arguments as for :func:`plan_buckets`.
-    """
-    specs = sorted(_specs(named_specs), key=lambda spec: -spec[3])  # stable: equal sizes keep their order
-    bucket_bytes = _bucket_bytes(specs, bucket_bytes)
-    tail: list[tuple[Slot, ...]] = []
-    for shift in TAIL_SHIFTS:
-        cap, n, size = bucket_bytes >> shift, 0, 0
-        while n < len(specs) and size + _padded(specs[-1 - n][3], alignment) <= cap:
-            size += _padded(specs[-1 - n][3], alignment)
-            n += 1
-        if n:
-            tail = _fill(specs[len(specs) - n:], cap, alignment) + tail
-            specs = specs[:len(specs) - n]
-    buckets = _fill(specs, bucket_bytes, alignment) + tail
-    return StreamPlan(tuple(Bucket(b) for b in buckets), bucket_bytes, alignment)
-
-
-def _bucket_bytes(specs: Sequence[Spec], bucket_bytes: int | None) -> int:
     if bucket_bytes is None:
-        bucket_bytes = max([DEFAULT_BUCKET_BYTES, *(spec[3] for spec in specs)])
+        bucket_bytes = max([DEFAULT_BUCKET_BYTES, *(nbytes for *_, nbytes in specs)])
     check_int(bucket_bytes, "bucket_bytes", minimum=1)
-    return bucket_bytes
-
-
-def _padded(nbytes: int, alignment: int) -> int:
-    return -(-nbytes // alignment) * alignment
-
-
-def _fill(specs: Iterable[Spec], bucket_bytes: int, alignment: int) -> list[tuple[Slot, ...]]:
-    """Greedy buckets of at most ``bucket_bytes`` (Note [bucket policy]), each tensor at an aligned offset."""
     buckets: list[tuple[Slot, ...]] = []
     current: list[Slot] = []
     end = 0
     for name, dt, shape, nbytes in specs:
-        offset = _padded(end, alignment)
+        offset = -(-end // alignment) * alignment
         if current and offset + nbytes > bucket_bytes:
             buckets.append(tuple(current))
             current, offset = [], 0
@@ -326,10 +275,10 @@ def _fill(specs: Iterable[Spec], bucket_bytes: int, alignment: int) -> list[tupl
         end = offset + nbytes
     if current:
         buckets.append(tuple(current))
-    return buckets
+    return StreamPlan(tuple(Bucket(b) for b in buckets), bucket_bytes, alignment)
 
 
-def _specs(named_specs: NamedSpecs) -> Iterator[Spec]:
+def _specs(named_specs: NamedSpecs) -> Iterator[tuple[str, str, tuple[int, ...], int]]:
     items = (((n, t.dtype, t.shape) for n, t in named_specs.items()) if isinstance(named_specs, Mapping)
              else named_specs)
     for name, dtype, shape in items:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ipcbridge import ManifestError, transports
-from ipcbridge.stream.plan import ALIGNMENT, StreamPlan, pack, plan_buckets, plan_stream, unpack
+from ipcbridge.stream.plan import ALIGNMENT, StreamPlan, pack, plan_buckets, unpack
 from tests.helpers import mixed_tensors
 
 MIXED = mixed_tensors()
@@ -64,35 +64,6 @@ def test_the_default_bucket_is_the_largest_tensor_when_that_passes_256_mib() -> 
     assert len(asked.buckets) == 7 and asked.buffer_bytes == 300 * mib
     small = plan_buckets([("w", "float32", (1000,))])  # a small model: the 256 MiB default
     assert small.bucket_bytes == 256 * mib and small.buffer_bytes == 4000
-
-
-def test_the_streamed_plan_sends_large_tensors_first_and_ramps_its_tail_down() -> None:
-    # Note [the tail ramp], on the shapes of an 8B Llama in vLLM's layout (no memory: specs only).
-    mib, layers = 1 << 20, 32
-    specs = [("model.embed_tokens.weight", "bfloat16", (128256, 4096))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        specs += [(p + "input_layernorm.weight", "bfloat16", (4096,)),
-                  (p + "self_attn.qkv_proj.weight", "bfloat16", (6144, 4096)),
-                  (p + "self_attn.o_proj.weight", "bfloat16", (4096, 4096)),
-                  (p + "post_attention_layernorm.weight", "bfloat16", (4096,)),
-                  (p + "mlp.gate_up_proj.weight", "bfloat16", (28672, 4096)),
-                  (p + "mlp.down_proj.weight", "bfloat16", (4096, 14336))]
-    specs += [("model.norm.weight", "bfloat16", (4096,)), ("lm_head.weight", "bfloat16", (128256, 4096))]
-    plan = plan_stream(specs)
-    assert sorted(s.name for s in plan.slots) == sorted(n for n, *_ in specs)  # every tensor exactly once
-    assert plan.buffer_bytes == plan.bucket_bytes == 128256 * 4096 * 2  # the embedding: no extra memory
-    sizes = [b.nbytes for b in plan.buckets]
-    assert plan.buckets[0].names == ["model.embed_tokens.weight"]  # the largest first (stable order)
-    assert sizes[-1] <= plan.bucket_bytes >> 6 and sizes[-2] <= plan.bucket_bytes >> 4
-    assert sizes[-3] <= plan.bucket_bytes >> 2
-    assert len(plan.buckets) < len(plan_buckets(specs, 256 * mib).buckets) / 2  # fewer broadcasts
-    StreamPlan.from_json(plan.to_json())  # a valid plan
-    tensors = {n: torch.randn(shape).to(torch.bfloat16) for n, _, shape in
-               [(n, d, (8,) * len(sh)) for n, d, sh in specs[:20]]}
-    small = plan_stream(tensors, bucket_bytes=4096)
-    out = round_trip(tensors, small)
-    assert all(torch.equal(out[n], t) for n, t in tensors.items())
 
 
 def test_unpack_views_alias_the_buffer_and_go_stale_on_reuse() -> None:
