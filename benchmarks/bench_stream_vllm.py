@@ -330,7 +330,7 @@ def main() -> None:
     ap.add_argument("--pushes", type=int, default=10)
     ap.add_argument("--flat", type=int, default=100, help="pushes between the two memory readings")
     ap.add_argument("--reps", type=int, default=10, help="timed reps of the ceiling broadcast")
-    ap.add_argument("--bucket-mib", type=int, default=0, help="0: each receiver's default (ipcbridge: the larger of 256 MiB and the largest tensor; vLLM: its 1 GiB)")
+    ap.add_argument("--bucket-mib", type=int, default=0, help="0: each receiver's default (ipcbridge: Note [bucket policy]; vLLM: its 1 GiB)")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--gpu-memory-utilization", type=float, default=None,
                     help="the engine's share of its GPU (default 0.5; 0.3 with --same-gpu, beside the trainer)")

@@ -247,7 +247,8 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int | None = None, ba
     ``vllm serve``. ``receiver`` (vLLM only): ``"ipcbridge"``, ``"vllm"``, ``"ipc"`` (ipcbridge's, through a
     shared buffer on the trainer's GPU) or ``None`` to pick (Note [two receivers in vLLM], Note [one GPU:
     the shared buffer]). ``bucket_bytes``: the size of one broadcast (default for ipcbridge's receivers:
-    the larger of 256 MiB and the largest tensor; for vLLM's, its own 1 GiB, which must agree with it). ``backend``: ``"nccl"`` or ``"gloo"`` for
+    1/16 of the model, at least 256 MiB, at most its largest tensor, Note [bucket policy]; for vLLM's, its
+    own 1 GiB, which must agree with it). ``backend``: ``"nccl"`` or ``"gloo"`` for
     ipcbridge's receivers (vLLM's is NCCL only), ``"ipc"`` for the shared buffer. ``timeout`` bounds
     joining, every broadcast and every engine call; ``host`` is where this process serves the rendezvous.
     ``lease_seconds`` and ``wait`` are the fence's, as for :func:`ipcbridge.connect`. Returns a bridge

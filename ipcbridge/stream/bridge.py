@@ -363,9 +363,9 @@ def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int | None = N
     buffer on the trainer's own GPU (:mod:`ipcbridge.stream.ipc`). ``target``: an engine that can receive streamed weights (a :class:`~ipcbridge.LocalEngine`). ``model``
     stays the trainer's own; it must match the engine's model (names, shapes, dtypes). ``backend``:
     ``"nccl"`` (default for CUDA models; the engine must be on another GPU) or ``"gloo"`` (default on CPU;
-    works for any devices, through host memory). ``bucket_bytes``: target size of one broadcast (default: the larger
-    of 256 MiB and the largest tensor, Note [bucket policy]); the two buffers on each side are that large,
-    or as large as the largest tensor if it is larger. ``timeout``
+    works for any devices, through host memory). ``bucket_bytes``: target size of one broadcast (default: Note [bucket
+    policy]); the two buffers on each side are that large, or as large as the largest tensor if it is
+    larger. ``timeout``
     bounds joining and every broadcast; ``host`` is where this process serves the rendezvous. Nothing is
     sent until :meth:`StreamBridge.update` or :meth:`StreamBridge.push`. ``lease_seconds`` and ``wait``
     are the fence's, as for :func:`ipcbridge.connect`.

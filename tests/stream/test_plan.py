@@ -52,17 +52,20 @@ def test_oversize_tensor_gets_a_bucket_of_its_own() -> None:
     assert torch.equal(round_trip(tensors, plan)["big"], tensors["big"])
 
 
-def test_the_default_bucket_is_the_largest_tensor_when_that_passes_256_mib() -> None:
-    # Note [bucket policy]: the buffers hold the largest tensor anyway; fuller buckets cost no memory.
+def test_the_default_bucket_size_follows_the_model() -> None:
+    # Note [bucket policy]: total / 16, at least 256 MiB, at most the largest tensor (which sizes the buffers).
     mib = 1 << 20
-    embed = ("embed", "bfloat16", (300 * mib // 2,))  # 300 MiB
-    layers = [(f"l{i}", "bfloat16", (96 * mib // 2,)) for i in range(12)]  # 12 x 96 MiB
-    plan = plan_buckets([embed, *layers])
-    assert plan.bucket_bytes == plan.buffer_bytes == 300 * mib
-    assert [len(b.slots) for b in plan.buckets] == [1, 3, 3, 3, 3]
+    embed = ("embed", "bfloat16", (600 * mib // 2,))  # 600 MiB
+    layers = [(f"l{i}", "bfloat16", (96 * mib // 2,)) for i in range(84)]  # 84 x 96 MiB
+    plan = plan_buckets([embed, *layers])  # 8664 MiB in all: 16ths of 541 MiB, 5 layers each
+    assert plan.bucket_bytes == (600 + 84 * 96) * mib // 16 and plan.buffer_bytes == 600 * mib
+    assert [len(b.slots) for b in plan.buckets] == [1] + [5] * 16 + [4]
+    more = [(f"m{i}", "bfloat16", (96 * mib // 2,)) for i in range(400)]
+    huge = plan_buckets([embed, *more])  # 16ths above the largest tensor: capped at it
+    assert huge.bucket_bytes == huge.buffer_bytes == 600 * mib
     asked = plan_buckets([embed, *layers], 256 * mib)  # asked for: kept, same buffers, more broadcasts
-    assert len(asked.buckets) == 7 and asked.buffer_bytes == 300 * mib
-    small = plan_buckets([("w", "float32", (1000,))])  # a small model: the 256 MiB default
+    assert len(asked.buckets) == 43 and asked.buffer_bytes == 600 * mib
+    small = plan_buckets([("w", "float32", (1000,))])  # a small model: 256 MiB
     assert small.bucket_bytes == 256 * mib and small.buffer_bytes == 4000
 
 
