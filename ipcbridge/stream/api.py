@@ -68,6 +68,7 @@ class VllmReceiverEndpoint:
         self.gpu_uuid = ""
 
     def stream_layout(self) -> tuple[list[tuple[str, str, list[int]]], int]:
+        self.inner.tell_worker_version()  # the layout carries the worker's version
         d = self.inner.rpc("ipcbridge_stream_layout")
         try:
             specs = [(str(n), str(dt), [int(x) for x in shape]) for n, dt, shape in d["tensors"]]
@@ -76,6 +77,7 @@ class VllmReceiverEndpoint:
         except (TypeError, KeyError, ValueError, AttributeError) as e:
             raise BridgeError(f"{self.inner.where} answered ipcbridge_stream_layout with {str(d)[:200]!r} ({e}); is "
                               "the same ipcbridge version installed in the engine?") from None
+        self.inner.heard_version(version)
         return specs, version
 
     def manifest(self) -> Manifest:
@@ -248,8 +250,8 @@ def stream(target: Any, model: nn.Module, *, bucket_bytes: int | None = None, ba
     shared buffer on the trainer's GPU) or ``None`` to pick (Note [two receivers in vLLM], Note [one GPU:
     the shared buffer]). ``bucket_bytes``: the size of one broadcast (default for ipcbridge's receivers:
     1/16 of the model, at least 256 MiB, at most its largest tensor, Note [bucket policy]; for vLLM's, its
-    own 1 GiB, which must agree with it). ``backend``: ``"nccl"`` or ``"gloo"`` for
-    ipcbridge's receivers (vLLM's is NCCL only), ``"ipc"`` for the shared buffer. ``timeout`` bounds
+    own 1 GiB, which must agree with it). ``backend``: ``"nccl"`` or ``"gloo"`` for ipcbridge's receivers
+    (vLLM's is NCCL only), ``"ipc"`` for the shared buffer. ``timeout`` bounds
     joining, every broadcast and every engine call; ``host`` is where this process serves the rendezvous.
     ``lease_seconds`` and ``wait`` are the fence's, as for :func:`ipcbridge.connect`. Returns a bridge
     with ``update()``, ``push()``, ``stats()`` and ``close()``; nothing is sent before the first push.

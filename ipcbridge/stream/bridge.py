@@ -360,15 +360,15 @@ def stream_engine(target: Any, model: nn.Module, *, bucket_bytes: int | None = N
     """Stream a trainer-owned HF ``model`` into ``target``'s weights, where they cannot be shared.
 
     ``bridge_cls``: :class:`StreamBridge` (a process group) by default; ``IpcStreamBridge`` for a shared
-    buffer on the trainer's own GPU (:mod:`ipcbridge.stream.ipc`). ``target``: an engine that can receive streamed weights (a :class:`~ipcbridge.LocalEngine`). ``model``
-    stays the trainer's own; it must match the engine's model (names, shapes, dtypes). ``backend``:
-    ``"nccl"`` (default for CUDA models; the engine must be on another GPU) or ``"gloo"`` (default on CPU;
-    works for any devices, through host memory). ``bucket_bytes``: target size of one broadcast (default: Note [bucket
-    policy]); the two buffers on each side are that large, or as large as the largest tensor if it is
-    larger. ``timeout``
-    bounds joining and every broadcast; ``host`` is where this process serves the rendezvous. Nothing is
-    sent until :meth:`StreamBridge.update` or :meth:`StreamBridge.push`. ``lease_seconds`` and ``wait``
-    are the fence's, as for :func:`ipcbridge.connect`.
+    buffer on the trainer's own GPU (:mod:`ipcbridge.stream.ipc`). ``target``: an engine that can receive
+    streamed weights (a :class:`~ipcbridge.LocalEngine`). ``model`` stays the trainer's own; it must match
+    the engine's model (names, shapes, dtypes). ``backend``: ``"nccl"`` (default for CUDA models; the engine
+    must be on another GPU) or ``"gloo"`` (default on CPU; works for any devices, through host memory).
+    ``bucket_bytes``: target size of one broadcast (default: Note [bucket policy]); the two buffers on each
+    side are that large, or as large as the largest tensor if it is larger. ``timeout`` bounds joining and
+    every broadcast; ``host`` is where this process serves the rendezvous. Nothing is sent until
+    :meth:`StreamBridge.update` or :meth:`StreamBridge.push`. ``lease_seconds`` and ``wait`` are the
+    fence's, as for :func:`ipcbridge.connect`.
     """
     check_settings(lease_seconds, wait)  # before the engine is asked anything
     endpoint = resolve_endpoint(target)

@@ -32,6 +32,7 @@ class Layout:
 
 
 def engine_layout(plan: StreamPlan, config: Any) -> Layout:
+    """The HF parameters (under ``config``'s architecture) that ``plan``'s engine tensors take."""
     meta = {s.name: torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in plan.slots}
     try:
         views = mapping.hf_views(meta, config)

@@ -17,9 +17,9 @@ Note [bucket policy]
     The default ``bucket_bytes`` is the total over :data:`TARGET_BUCKETS`, but at least 256 MiB and at most
     the largest tensor (which sizes the buffers anyway, so it costs no memory). Two costs pull apart: every
     broadcast pays a start-up of its own, and the last bucket's load overlaps nothing. Measured on two
-    H200s into vLLM 0.25.1 and 0.26.0 (2026-11-30), as the engine's receive time against one contiguous broadcast:
-    1B shapes (2.47 GB) 0.92x in 9 buckets of 256 MiB, 0.88x in 5 of 525 MB; 8B shapes (16.06 GB) 0.93x
-    in 67 of 256 MiB, 0.97x in 18 of 1 GiB. The rule picks 256 MiB for the first and 1.0 GB for the
+    H200s into vLLM 0.25.1 and 0.26.0 (2026-11-30), as the engine's receive time against one contiguous
+    broadcast: 1B shapes (2.47 GB) 0.92x in 9 buckets of 256 MiB, 0.88x in 5 of 525 MB; 8B shapes
+    (16.06 GB) 0.93x in 67 of 256 MiB, 0.97x in 18 of 1 GiB. The rule picks 256 MiB for the first and 1.0 GB for the
     second. Sending the largest tensors first with the last buckets cut to 1/4, 1/16 and 1/64 (to hide
     the last load) was slower on both (0.87x, 0.94x): small buckets are paced by the host's waits.
 

@@ -13,8 +13,8 @@ Note [resume never leaves the engine paused]
     ``engine_resume`` invalidates the KV computed with the old weights (Note [stale KV: reset or salt]),
     then publishes the next weight version (Note [the engine owns the weight version] in
     :mod:`ipcbridge.vllm.extension`, Note [an in-process engine's version is counted here]) and hands it to
-    vLLM's own weight version where the release has one, then resumes generation. The publish runs even if the reset failed (the weights did change), and the
-    resume runs in a ``finally``: if the reset or the publish fails (a timeout, a worker without the
+    vLLM's own weight version where the release has one, then resumes generation. The publish runs even if
+    the reset failed (the weights did change), and the resume runs in a ``finally``: if the reset or the publish fails (a timeout, a worker without the
     extension, a reset that reports ``success: false``), the error reaches the trainer but the engine does
     not stay paused.
 
@@ -46,9 +46,10 @@ Note [an in-process engine's version is counted here]
     asking the worker by RPC. That RPC was most of a salted fence: 0.8-0.9 ms of 1.2-2.1 ms on an H200
     (vLLM 0.26.0, 2026-11-30). Every endpoint of this process on the engine counts through the one record,
     which keeps what Note [the engine owns the weight version] promises (no version published twice, a
-    reconnecting bridge continues the sequence). The worker is told before anything reads its version (a
-    new bridge's manifest, :meth:`VllmEndpoint.engine_weight_version`, :meth:`VllmEndpoint.info`) and
-    never moves back. The record starts from the first version the worker reports; until then the worker
+    reconnecting bridge continues the sequence). The worker is told before any reply that carries its
+    version (:meth:`VllmEndpoint.tell_worker_version`: a new bridge's manifest, the stream layout,
+    :meth:`VllmEndpoint.engine_weight_version`, :meth:`VllmEndpoint.info`), hears every such reply
+    (:meth:`VllmEndpoint.heard_version`), and never moves back. The record starts from the first version the worker reports; until then the worker
     counts. vLLM's own version (0.27+) is still set at every fence, since its outputs carry it. ``vllm
     serve`` is reached by URL from any process, so there the worker counts every fence.
 """
@@ -73,9 +74,14 @@ logger = logging.getLogger(__name__)
 #: The ways a fence invalidates stale KV (Note [stale KV: reset or salt]).
 KV_RESET_MODES = ("always", "salted")
 
+# What this process knows of each engine, keyed as the lease gates are: by the engine object (weakly) or
+# by its URL. See EngineRecord.
+_RECORDS_LOCK = threading.Lock()
+
+
 @dataclass
 class EngineRecord:
-    """One engine, as every endpoint of this process on it sees it. Mutated under ``_RECORDS_LOCK`` only.
+    """One engine, as every endpoint of this process on it sees it; its methods hold ``_RECORDS_LOCK``.
 
     ``nonce`` and ``epoch`` make the cache salt (Note [stale KV: reset or salt]); ``version`` is the weight
     version last published through this process and ``synced`` the last one the worker heard of (Note [an
@@ -87,12 +93,32 @@ class EngineRecord:
     version: int | None = None
     synced: int | None = None
 
+    def next_epoch(self) -> None:
+        with _RECORDS_LOCK:
+            self.epoch += 1
 
-# What this process knows of each engine, keyed as the lease gates are: by the engine object (weakly) or
-# by its URL. See EngineRecord.
+    def count(self) -> int | None:
+        """The next version, counted here; ``None`` while the worker's is not known (the worker counts it)."""
+        with _RECORDS_LOCK:
+            if self.version is None:
+                return None
+            self.version += 1
+            return self.version
+
+    def heard(self, version: int) -> None:
+        """The worker answered with ``version``: it knows every version up to it."""
+        with _RECORDS_LOCK:
+            self.synced = version if self.synced is None else max(self.synced, version)
+            self.version = version if self.version is None else max(self.version, version)
+
+    def unsynced(self) -> int | None:
+        """The version counted here that the worker has not heard of, if any."""
+        with _RECORDS_LOCK:
+            return None if self.version is None or self.version == self.synced else self.version
+
+
 _RECORDS: weakref.WeakKeyDictionary[Any, EngineRecord] = weakref.WeakKeyDictionary()
 _URL_RECORDS: dict[str, EngineRecord] = {}
-_RECORDS_LOCK = threading.Lock()
 
 
 def engine_record(key: Any) -> EngineRecord:
@@ -103,16 +129,6 @@ def engine_record(key: Any) -> EngineRecord:
         if rec is None:
             rec = table[key] = EngineRecord(secrets.token_hex(4))
         return rec
-
-
-def worker_heard(key: Any, version: int) -> int:
-    """The worker of engine ``key`` holds ``version``: record it (Note [an in-process engine's version is
-    counted here]); the engine's version, which is never lower."""
-    rec = engine_record(key)
-    with _RECORDS_LOCK:
-        rec.synced = version if rec.synced is None else max(rec.synced, version)
-        rec.version = version if rec.version is None else max(rec.version, version)
-        return rec.version
 
 
 def check_kv_reset(kv_reset: str) -> str:
@@ -186,24 +202,21 @@ class VllmEndpoint(InProcessLeases):
         v = self.rpc(method, *args)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise BridgeError(f"{self.where} answered {method} with {v!r}, not a weight version (an int >= 0)")
-        self._heard(v)
+        self.heard_version(v)
         return v
 
     def manifest(self) -> Manifest:
         """The worker's export: handles of the served weights, the HF config, and the weight version."""
-        if self._unsynced() is not None:
-            self.engine_weight_version()  # the manifest carries the worker's version: bring it up to date first
+        self.tell_worker_version()  # the manifest carries the worker's version
         m = Manifest.from_dict(self.rpc("ipcbridge_manifest"))
-        self._heard(m.weight_version)
+        self.heard_version(m.weight_version)
         self.weight_version = m.weight_version
         return m
 
     def engine_weight_version(self) -> int:
         """The weight version the worker holds (asks the worker, after telling it any version counted here)."""
-        unsynced = self._unsynced()
-        if unsynced is None:
-            return self._version("ipcbridge_weight_version")
-        return self._version("ipcbridge_weight_version", unsynced)
+        behind = self._behind()
+        return self._version("ipcbridge_weight_version", *(() if behind is None else (behind,)))
 
     def publish_weight_version(self) -> int:
         """Move the engine's weight version forward by one, and tell vLLM where it keeps one; the new version.
@@ -212,7 +225,8 @@ class VllmEndpoint(InProcessLeases):
         vLLM's own version (0.27+) is a string it attaches to outputs (``weight_versions``, 0.32+); it gets the
         same number, so both name the same weights.
         """
-        version = self._count_here()
+        rec = self._counted()
+        version = rec.count() if rec is not None else None
         if version is None:
             version = self._version("ipcbridge_publish_weight_version")
         self.weight_version = version
@@ -222,32 +236,25 @@ class VllmEndpoint(InProcessLeases):
 
     # -- the version counted in this process (Note [an in-process engine's version is counted here]) ------
 
-    def _count_here(self) -> int | None:
-        """The next version from the engine's record; ``None`` where the worker must count it."""
-        if not self.counts_version_here:
-            return None
-        rec = engine_record(self.gate_key)
-        with _RECORDS_LOCK:
-            if rec.version is None:  # the worker's version is not known yet: it counts this one
-                return None
-            rec.version += 1
-            return rec.version
+    def _counted(self) -> EngineRecord | None:
+        """The engine's record where this process counts its versions, else ``None``."""
+        return engine_record(self.gate_key) if self.counts_version_here else None
 
-    def _heard(self, version: int) -> None:
-        """The worker answered with its version: it knows everything up to ``version``."""
-        if not self.counts_version_here:
-            return
-        worker_heard(self.gate_key, version)
+    def _behind(self) -> int | None:
+        rec = self._counted()
+        return None if rec is None else rec.unsynced()
 
-    def _unsynced(self) -> int | None:
-        """The version counted here that the worker has not heard of, if any."""
-        if not self.counts_version_here:
-            return None
-        rec = engine_record(self.gate_key)
-        with _RECORDS_LOCK:
-            if rec.version is None or rec.version == rec.synced:
-                return None
-            return rec.version
+    def heard_version(self, version: int) -> None:
+        """A worker reply carried its weight version ``version`` (any ``ipcbridge_*`` reply that does)."""
+        rec = self._counted()
+        if rec is not None:
+            rec.heard(version)
+
+    def tell_worker_version(self) -> None:
+        """Before a worker reply that carries its version: tell it any version counted here (one RPC, or none
+        when it is up to date)."""
+        if self._behind() is not None:
+            self.engine_weight_version()
 
     # -- stale KV (Note [stale KV: reset or salt]) -------------------------------------------------------
 
@@ -261,9 +268,7 @@ class VllmEndpoint(InProcessLeases):
         return f"ipcbridge-{rec.nonce}-{rec.epoch}"
 
     def _next_salt_epoch(self) -> None:
-        rec = engine_record(self.gate_key)
-        with _RECORDS_LOCK:
-            rec.epoch += 1
+        engine_record(self.gate_key).next_epoch()
 
     def drop_stale_kv(self) -> None:
         """Move the salt on, and reset the prefix cache if :meth:`needs_reset`; ``BridgeError`` if vLLM
@@ -276,8 +281,7 @@ class VllmEndpoint(InProcessLeases):
 
     def info(self) -> dict[str, Any]:
         """The worker's process and memory facts (``WorkerExtension.ipcbridge_info``)."""
-        if self._unsynced() is not None:
-            self.engine_weight_version()
+        self.tell_worker_version()
         info = self.rpc("ipcbridge_info")
         if not isinstance(info, dict):
             raise BridgeError(f"{self.where} answered ipcbridge_info with {str(info)[:200]!r}, not a dict")

@@ -13,11 +13,12 @@ benchmark helpers (re-initialising weights, the copy-based baseline) are in
 Note [the engine owns the weight version]
     The worker keeps the weight version of the weights it serves. Each fence ends with
     ``ipcbridge_publish_weight_version``, which moves it forward by one and returns the new value; the
-    bridge reports what the worker returned. (An engine that is an object of the trainer's process is
-    counted in that process and the worker told when asked: Note [an in-process engine's version is
-    counted here] in :mod:`ipcbridge.vllm.base`.) Since only the worker counts, two bridges on one engine (or a
+    bridge reports what the worker returned. Since one counter counts, two bridges on one engine (or a
     lease that ran out and was resumed by the watchdog) never publish the same version twice, and a
-    trainer that reconnects continues from the engine's version instead of restarting at 0.
+    trainer that reconnects continues from the engine's version instead of restarting at 0. An engine that
+    is an object of the trainer's process keeps that counter in that process instead, and the worker is
+    told before it answers with its version (Note [an in-process engine's version is counted here] in
+    :mod:`ipcbridge.vllm.base`).
 
 Note [every attribute prefixed]
     vLLM adds the extension to its worker class's bases after checking that no non-dunder attribute of the

@@ -36,7 +36,7 @@ from ipcbridge.endpoints import InProcessLeases
 from ipcbridge.errors import BridgeError, reset_failed
 from ipcbridge.manifest import Manifest
 from ipcbridge.vllm import endpoints as cross_process
-from ipcbridge.vllm.base import engine_record, worker_heard
+from ipcbridge.vllm.base import engine_record
 from ipcbridge.vllm.extension import build_manifest, engine_config_dict, model_parameters, unwrap_model
 from ipcbridge.vllm.policy import EngineFacts, refusal_reason
 
@@ -118,7 +118,7 @@ class InProcessLLMEndpoint(InProcessLeases):
         reset = self.llm.reset_prefix_cache()
         version = self.engine_weight_version() + 1
         setattr(self.worker, VERSION_ATTR, version)
-        worker_heard(self.gate_key, version)
+        engine_record(self.gate_key).heard(version)
         self.weight_version = version
         if reset is False:  # published all the same: the weights did change
             raise reset_failed(self.name)

@@ -102,7 +102,7 @@ def test_the_policy_still_refuses(monkeypatch) -> None:
 def test_one_version_sequence_with_a_cross_process_endpoint_on_the_same_llm(allow_cpu) -> None:
     # An LLMEndpoint of this LLM counts versions in this process (Note [an in-process engine's version is
     # counted here]); the in-process endpoint continues from them, and they from it.
-    from ipcbridge.vllm.base import engine_record, worker_heard
+    from ipcbridge.vllm.base import engine_record
 
     llm = _FakeLLM(tiny_config("qwen2", tied=True))
     ep = inprocess.endpoint_for(llm)
@@ -113,7 +113,8 @@ def test_one_version_sequence_with_a_cross_process_endpoint_on_the_same_llm(allo
         with bridge.update():
             pass
         assert bridge.weight_version == 8 == engine_record(llm).version == engine_record(llm).synced
-        assert worker_heard(llm, 3) == 8  # never back
+        engine_record(llm).heard(3)
+        assert engine_record(llm).version == 8  # never back
     finally:
         bridge.close()
 

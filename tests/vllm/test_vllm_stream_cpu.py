@@ -17,7 +17,7 @@ from ipcbridge.vllm.endpoints import LLMEndpoint
 from ipcbridge.vllm.receiver import StreamReceiverMixin
 from ipcbridge.vllm.rpc import decode_reply
 from tests.helpers import tiny_config
-from tests.vllm.vllm_fakes import FakeLLM, FakeWorker, hf_reference, vllm_module, vllm_state
+from tests.vllm.vllm_fakes import FakeLLM, FakeWorker, fence_for, hf_reference, vllm_module, vllm_state
 
 StreamWorker = FakeWorker  # WorkerExtension has the stream receiver among its bases
 assert issubclass(StreamWorker, StreamReceiverMixin)
@@ -55,6 +55,27 @@ def test_a_fenced_step_lands_in_the_fused_parameters() -> None:
     assert worker._ipcbridge_stream.group is None  # closed with the bridge
 
 
+def test_a_stream_continues_the_versions_counted_in_this_process() -> None:
+    # Note [an in-process engine's version is counted here]: the layout carries the worker's version, so the
+    # worker is told first; the streaming fence then counts here too, with no publish RPC.
+    config, worker, ep = setup()
+    llm = ep.inner.llm
+    fence = fence_for(LLMEndpoint(llm))  # an attached bridge's fences on the same engine
+    for _ in range(3):
+        with fence.hold():
+            pass
+    assert worker._ipcbridge_weight_version == 0
+    assert ep.stream_layout()[1] == 3 == worker._ipcbridge_weight_version
+    llm.calls.clear()
+    with stream_engine(ep, hf_reference(config, seed=1), bucket_bytes=4096, backend="gloo", timeout=10) as sb:
+        assert sb.weight_version == 3
+        sb.push()
+        assert sb.weight_version == 4 and "ipcbridge_publish_weight_version" not in llm.calls
+    with fence.hold():
+        pass
+    assert fence.version == 5
+
+
 class Refusing:
     """A vLLM endpoint whose worker has no stream receiver (no extension, or several workers)."""
 
@@ -63,6 +84,9 @@ class Refusing:
 
     def rpc(self, method: str, *args: object) -> None:
         raise BridgeError(f"collective_rpc({method!r}) answered from 2 workers")
+
+    def tell_worker_version(self) -> None:
+        pass  # this process counts no version of it
 
 
 def test_tp_gt_1_is_refused_with_the_fix() -> None:
